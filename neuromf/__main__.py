@@ -1,0 +1,3 @@
+from neuromf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""`neuromf validate SPEC`: every problem at once, or a short summary of the run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Optional
+
+from neuromf.spec.schema import RunSpec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from neuromf.cli import add_spec_arguments
+
+    add_spec_arguments(parser)
+    parser.add_argument(
+        "--check-paths", action="store_true", help="also check that inputs exist and outputs are writable"
+    )
+    parser.add_argument(
+        "--check-device", action="store_true", help="also check that the requested device and precision are usable here"
+    )
+
+
+def _writable(path: Path) -> bool:
+    """True if `path` is a writable folder or could be created as one."""
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+    return False
+
+
+def path_problems(spec: RunSpec) -> list[str]:
+    """Inputs that do not exist and outputs that cannot be written."""
+    problems = []
+    data = spec.data
+    shard_present = data.shard is not None and data.shard.is_file()
+    if data.source == "folder" or (data.source == "shard" and not shard_present):
+        if data.latent_dir is None:
+            problems.append(f"data.shard: {data.shard} does not exist and data.latent_dir is not set to pack it from")
+        elif not data.latent_dir.is_dir():
+            problems.append(f"data.latent_dir: {data.latent_dir} is not a folder")
+    if data.stats == "file":
+        stats = data.stats_file or (data.latent_dir / "latent_stats.json" if data.latent_dir else None)
+        if stats is None or not stats.is_file():
+            problems.append(f"data.stats_file: {stats} does not exist (data.stats is 'file')")
+    if spec.model.init_from is not None and not spec.model.init_from.is_file():
+        problems.append(f"model.init_from: {spec.model.init_from} does not exist")
+    if spec.vae.decoder == "maisi":
+        if spec.paths.vae_weights is None:
+            problems.append("paths.vae_weights: not set; samples need the VAE (or set vae.decoder: identity)")
+        elif not spec.paths.vae_weights.is_file():
+            problems.append(f"paths.vae_weights: {spec.paths.vae_weights} does not exist")
+    for field, folder in [("paths.run_dir", spec.paths.run_dir), ("paths.cache_dir", spec.paths.cache_dir)]:
+        if folder is not None and not _writable(folder):
+            problems.append(f"{field}: {folder} is not writable")
+    if data.shard is not None and not shard_present and not _writable(data.shard.parent):
+        problems.append(f"data.shard: cannot write {data.shard} (folder not writable)")
+    return problems
+
+
+def device_problems(spec: RunSpec) -> list[str]:
+    """The requested device and precision must exist here (run this on the compute node)."""
+    import torch
+
+    problems = []
+    if spec.hardware.device == "cuda" and not torch.cuda.is_available():
+        problems.append("hardware.device: 'cuda' requested but no CUDA GPU is visible")
+    on_cuda = spec.hardware.device in {"cuda", "auto"} and torch.cuda.is_available()
+    if on_cuda and spec.training.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        problems.append("training.precision: this GPU has no bf16 support; use fp32 (never fp16)")
+    if on_cuda and spec.hardware.gpus_per_node > torch.cuda.device_count():
+        problems.append(
+            f"hardware.gpus_per_node: {spec.hardware.gpus_per_node} requested, {torch.cuda.device_count()} visible"
+        )
+    return problems
+
+
+def count_latents(spec: RunSpec) -> Optional[int]:
+    """How many latents the run will see, when that can be known without reading them all."""
+    data = spec.data
+    if data.source == "demo":
+        return data.demo.n_volumes
+    if data.source == "shard" and data.shard is not None and data.shard.is_file():
+        import h5py
+
+        try:
+            with h5py.File(data.shard, "r", locking=False) as f:
+                return int(f["latents"].shape[0])
+        except (OSError, KeyError):
+            return None
+    if data.latent_dir is not None and data.latent_dir.is_dir():
+        return sum(1 for p in data.latent_dir.glob("*.pt"))
+    return None
+
+
+def count_parameters(spec: RunSpec) -> int:
+    """Parameters of the network, built on the meta device (no memory, no init time)."""
+    import torch
+
+    from neuromf.model.unet import build_network
+
+    with torch.device("meta"):
+        net = build_network(spec.model)
+    return sum(p.numel() for p in net.parameters())
+
+
+def summary_lines(spec: RunSpec) -> list[str]:
+    from neuromf.data.split import split_sizes
+
+    t = spec.training
+    lines = [f"run-spec OK: {spec.name}"]
+    try:
+        lines.append(f"  model:          {count_parameters(spec) / 1e6:.2f} M parameters, prediction {spec.model.prediction_type}")
+    except ImportError:
+        pass
+    lines.append(
+        f"  batch:          {t.batch_size} latents per optimizer step "
+        f"({t.accumulate_grad_batches} x {t.micro_batch_size}) x {spec.hardware.nodes * spec.hardware.gpus_per_node} GPU(s)"
+        if spec.hardware.nodes * spec.hardware.gpus_per_node > 1
+        else f"  batch:          {t.batch_size} latents per optimizer step ({t.accumulate_grad_batches} x {t.micro_batch_size})"
+    )
+    n = count_latents(spec)
+    if n is not None:
+        n_train, n_val = split_sizes(n, spec.data.val_fraction)
+        steps = n_train // t.batch_size
+        total = t.max_steps or steps * t.max_epochs
+        lines.append(f"  data:           {n} latents -> {n_train} train / {n_val} val")
+        lines.append(f"  schedule:       {steps} steps per epoch, {total} optimizer steps in all")
+    lines.append(f"  precision:      {t.precision}, compile {'on' if t.compile else 'off'}, device {spec.hardware.device}")
+    lines.append(f"  run folder:     {spec.paths.run_dir}")
+    lines.append(f"  checkpoints:    {spec.paths.run_dir / 'checkpoints'}")
+    lines.append(f"  samples:        {spec.paths.run_dir / 'samples'}")
+    return lines
+
+
+def data_problems(spec: RunSpec) -> list[str]:
+    """Checks that need the data's size: an epoch must hold at least one step, warmup must fit."""
+    from neuromf.data.split import split_sizes
+
+    n = count_latents(spec)
+    if n is None:
+        return []
+    t = spec.training
+    n_train, _ = split_sizes(n, spec.data.val_fraction)
+    if n_train < t.batch_size:
+        return [f"training.batch_size: {t.batch_size} is larger than the training split ({n_train} of {n} latents)"]
+    total = t.max_steps or (n_train // t.batch_size) * t.max_epochs
+    if t.warmup_steps >= total:
+        return [f"training.warmup_steps: {t.warmup_steps} is not shorter than the whole run ({total} steps)"]
+    return []
+
+
+def run(args: argparse.Namespace) -> int:
+    from neuromf.errors import UserError
+    from neuromf.spec import load_runspec
+
+    spec = load_runspec(args.spec, args.overrides)
+    problems = data_problems(spec)
+    if args.check_paths:
+        problems += path_problems(spec)
+    if args.check_device:
+        problems += device_problems(spec)
+    if problems:
+        raise UserError(*problems)
+    print("\n".join(summary_lines(spec)))
+    return 0

@@ -1,0 +1,1 @@
+"""Latent data: reading .pt files, packing HDF5 shards, the train/val split, the batch loader."""
