@@ -194,7 +194,9 @@ class DemoDataSpec(Section):
     """The embedded demo set, built from the MNI152 template that nilearn ships."""
 
     n_volumes: int = Field(128, ge=4)
-    size: int = Field(32, ge=8, description="Cube side of the demo volumes.")
+    size: Optional[int] = Field(
+        None, ge=8, description="Cube side of the demo volumes (default: model.spatial_size, which must be a cube)."
+    )
     seed: int = 0
 
 
@@ -324,6 +326,11 @@ class RunSpec(Section):
             )
         if self.model.in_channels != self.model.out_channels:
             raise ValueError("model.out_channels: must equal model.in_channels (the network predicts a latent)")
+        if self.data.source == "demo" and self.data.demo.size is None:
+            side = self.model.spatial_size[0]
+            if self.model.spatial_size != (side,) * 3:
+                raise ValueError(f"model.spatial_size: the demo volumes are cubes, got {list(self.model.spatial_size)}")
+            self.data.demo.size = side
         if self.data.source == "demo" and self.model.spatial_size != (self.data.demo.size,) * 3:
             raise ValueError(
                 f"model.spatial_size: {list(self.model.spatial_size)} differs from the demo volumes' size "
