@@ -1,0 +1,137 @@
+"""What a run reports: JSON lines, training_log.json, wandb (optional) and a progress display.
+
+`training_log.jsonl` gets one record per logged step, validation and event.
+On resume it is cut back to the checkpoint's step, so a run interrupted and
+resumed leaves the same log as one that never stopped. `training_log.json` is
+the same content grouped ({"train": [...], "val": [...], "events": [...]}),
+rewritten atomically at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from neuromf.atomic import atomic_write_text
+from neuromf.spec.schema import RunSpec
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings so a bad step is still visible in the log."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunLog:
+    def __init__(self, spec: RunSpec, total_steps: int, start_step: int, resumed: bool) -> None:
+        self.spec = spec
+        self.run_dir = spec.paths.run_dir
+        self.jsonl = self.run_dir / "training_log.jsonl"
+        self.summary = self.run_dir / "training_log.json"
+        self.total_steps = total_steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.records = self._read_and_truncate(start_step if resumed else 0)
+        self._file = open(self.jsonl, "a", encoding="utf-8")
+        mode = spec.logging.progress
+        self.use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self._bar = None
+        if self.use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self._wandb = self._start_wandb() if spec.logging.wandb else None
+        self._t0, self._step0 = time.perf_counter(), start_step
+
+    def _read_and_truncate(self, keep_until_step: int) -> list[dict[str, Any]]:
+        if not self.jsonl.exists():
+            return []
+        records = []
+        for line in self.jsonl.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if record.get("step", 0) <= keep_until_step:
+                records.append(record)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+    def _start_wandb(self) -> Any:
+        import wandb
+
+        # Keep the id in the run folder: a resumed or requeued job continues the same wandb run.
+        id_file = self.run_dir / "wandb_run_id.txt"
+        if not id_file.exists():
+            atomic_write_text(id_file, wandb.util.generate_id())
+        return wandb.init(
+            project=self.spec.logging.wandb_project,
+            name=self.spec.name,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=str(self.run_dir),
+            mode=self.spec.logging.wandb_mode,
+            config=self.spec.model_dump(mode="json"),
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (it must carry 'step'); also sent to wandb."""
+        record = {k: _clean(v) for k, v in record.items()}
+        record.setdefault("time", round(time.time(), 3))
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in {"step", "time"}}
+            if numbers:
+                self._wandb.log(numbers, step=record["step"])
+
+    def event(self, step: int, message: str, **fields: Any) -> None:
+        self.log({"step": step, "event": message, **fields})
+        self.say(message)
+
+    def say(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def progress(self, step: int, epoch: int, metrics: dict[str, float], printed: bool) -> None:
+        """Advance the bar every step; in plain mode, print a line when `printed` (a logging step)."""
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(epoch=epoch, loss=f"{metrics.get('train/loss_total', float('nan')):.4f}", refresh=False)
+            return
+        if not printed:
+            return
+        elapsed = time.perf_counter() - self._t0
+        rate = (step - self._step0) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        shown = " | ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if k.startswith("train/"))
+        print(f"step {step}/{self.total_steps} | epoch {epoch} | {shown} | {rate:.2f} it/s | ETA {_duration(eta)}", file=sys.stderr, flush=True)
+
+    def write_summary(self) -> None:
+        grouped: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "events": []}
+        for r in self.records:
+            kind = "events" if "event" in r else "val" if any(k.startswith("val/") for k in r) else "train"
+            grouped[kind].append(r)
+        atomic_write_text(self.summary, json.dumps({"name": self.spec.name, **grouped}, indent=1))
+
+    def close(self) -> None:
+        self.write_summary()
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
