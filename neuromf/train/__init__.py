@@ -1,0 +1,1 @@
+"""Training: the loop, EMA, checkpoints, logging and periodic samples."""
