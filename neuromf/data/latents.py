@@ -1,0 +1,356 @@
+"""Reading `.pt` latents safely, checking them, and their per-channel statistics.
+
+A latent file holds a floating tensor (C, D, H, W) or (1, C, D, H, W), or a
+dict with one under "z", "latent" or "latents". Files are loaded with
+`torch.load(weights_only=True)`, so a file can never run code. Every way a file
+can be wrong becomes one line naming the file and the problem.
+
+`scan_latents` reads a whole folder once: it validates every file, finds the
+common shape, hashes the sources (so a stale shard is detected) and computes
+per-channel statistics in float64 (Chan's parallel mean/variance merge, so
+nothing but a few numbers per file is kept in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from neuromf.errors import UserError
+
+LATENT_KEYS = ("z", "latent", "latents")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STATS_FILE = "latent_stats.json"
+
+
+class LatentFileError(UserError):
+    """One bad latent file: `path` and a one-line `reason`."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def warn(message: str) -> None:
+    """A warning the user should see: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- one file
+
+
+def latent_name(path: Path) -> str:
+    """The name a latent is known by (shard names, split): its file name without `.pt`."""
+    return Path(path).name[: -len(".pt")] if str(path).endswith(".pt") else Path(path).name
+
+
+def list_latent_files(folder: Path) -> list[Path]:
+    """The `.pt` files directly in `folder`, sorted by name; an error if there are none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: is not a folder of .pt latents")
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".pt") and not p.name.startswith(".")), key=lambda p: p.name)
+    if not files:
+        raise UserError(f"{folder}: no .pt files in this folder (empty or wrong folder)")
+    return files
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+
+
+def _refusal(e: BaseException) -> str:
+    """The useful line of torch's long weights_only refusal message."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
+        if rest:
+            return rest[0][:160]
+    return _short(e)
+
+
+def check_latent(obj: Any, path: Path) -> torch.Tensor:
+    """The (C, D, H, W) tensor inside a loaded object, or LatentFileError saying what is wrong."""
+    if isinstance(obj, dict):
+        key = next((k for k in LATENT_KEYS if k in obj), None)
+        if key is None:
+            keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+            raise LatentFileError(path, f"a dict without any of the keys 'z', 'latent', 'latents' (keys: {keys})")
+        obj = obj[key]
+    if not isinstance(obj, torch.Tensor):
+        raise LatentFileError(path, f"holds a {type(obj).__name__}, not a tensor or a dict with 'z', 'latent' or 'latents'")
+    if obj.dtype not in FLOAT_DTYPES:
+        raise LatentFileError(path, f"dtype {str(obj.dtype).replace('torch.', '')} is not floating point")
+    shape = tuple(obj.shape)
+    if obj.dim() == 5 and shape[0] == 1:
+        obj = obj[0]
+    elif obj.dim() != 4:
+        raise LatentFileError(path, f"shape {list(shape)} has rank {obj.dim()}; expected (C, D, H, W) or (1, C, D, H, W)")
+    if obj.numel() == 0:
+        raise LatentFileError(path, f"shape {list(shape)} is empty")
+    finite = torch.isfinite(obj)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(obj).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise LatentFileError(path, f"{n_nan} NaN and {n_inf} Inf values (of {obj.numel()})")
+    return obj.contiguous()
+
+
+def load_latent_bytes(data: bytes, path: Path) -> torch.Tensor:
+    """Parse a `.pt` file's bytes safely (weights_only) into its checked (C, D, H, W) tensor."""
+    if not data:
+        raise LatentFileError(path, "unreadable or truncated (the file is empty)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the checks below say what matters
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a broken file
+        if "Weights only load failed" in str(e):
+            raise LatentFileError(path, f"not a plain tensor file: safe loading (weights_only) refused it ({_refusal(e)})") from None
+        raise LatentFileError(path, f"unreadable or truncated ({_short(e)})") from None
+    return check_latent(obj, path)
+
+
+def read_latent(path: Path) -> torch.Tensor:
+    """Read and check one `.pt` latent: a (C, D, H, W) floating tensor in the file's dtype."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise LatentFileError(path, f"cannot read ({_short(e)})") from None
+    return load_latent_bytes(data, path)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel count, mean, sum of squared deviations (m2), min, max, all float64."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "ChannelStats":
+        """Statistics of one (C, ...) tensor, in float64."""
+        flat = x.detach().to(torch.float64).reshape(x.shape[0], -1)
+        mean = flat.mean(dim=1)
+        m2 = ((flat - mean[:, None]) ** 2).sum(dim=1)
+        return cls(flat.shape[1], mean.numpy(), m2.numpy(), flat.amin(dim=1).numpy(), flat.amax(dim=1).numpy())
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Statistics of both sets together (Chan et al.), exact up to float64 rounding."""
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return ChannelStats(n, mean, m2, np.minimum(self.min, other.min), np.maximum(self.max, other.max))
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation (ddof = 0, as numpy's default)."""
+        return np.sqrt(self.m2 / self.count)
+
+
+def read_stats_json(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per channel from latent_stats.json: {"per_channel": {"channel_0": {"mean", "std"}, ...}}."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read latent statistics ({_short(e)})") from None
+    per = raw.get("per_channel") if isinstance(raw, dict) else None
+    if not isinstance(per, dict) or not per:
+        raise UserError(f'{path}: expected {{"per_channel": {{"channel_0": {{"mean": .., "std": ..}}, ..}}}}')
+    means, stds = [], []
+    for c in range(len(per)):
+        entry = per.get(f"channel_{c}")
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: per_channel has no channel_{c} (channels must be numbered 0..{len(per) - 1})")
+        try:
+            mean, std = float(entry["mean"]), float(entry["std"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: per_channel.channel_{c} needs numeric 'mean' and 'std'") from None
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise UserError(f"{path}: per_channel.channel_{c} has mean {mean} and std {std}; std must be finite and > 0")
+        means.append(mean)
+        stds.append(std)
+    return np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
+
+
+def compare_stats(
+    file_mean: np.ndarray, file_std: np.ndarray, mean: np.ndarray, std: np.ndarray, rtol: float = 0.02
+) -> list[str]:
+    """Channels where latent_stats.json disagrees with computed statistics (mean off by > rtol * std, or std by > rtol)."""
+    if len(file_mean) != len(mean):
+        return [f"it has {len(file_mean)} channels, the latents have {len(mean)}"]
+    problems = []
+    for c in range(len(mean)):
+        if abs(file_mean[c] - mean[c]) > rtol * std[c] or abs(file_std[c] - std[c]) > rtol * std[c]:
+            problems.append(
+                f"channel_{c}: file mean {file_mean[c]:.6g} std {file_std[c]:.6g}, computed mean {mean[c]:.6g} std {std[c]:.6g}"
+            )
+    return problems
+
+
+# ---------------------------------------------------------------- a whole folder
+
+
+def _digest(lines: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def source_fingerprint(files: Sequence[Path]) -> str:
+    """Cheap identity of the sources (names, sizes, modification times): equal means unchanged, almost surely."""
+    lines = []
+    for p in sorted(files, key=lambda p: p.name):
+        st = p.stat()
+        lines.append(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
+    return _digest(lines)
+
+
+def source_checksum(file_hashes: dict[str, str]) -> str:
+    """sha256 over the sorted file names and the sha256 of each file's bytes."""
+    return _digest([f"{name}\0{file_hashes[name]}" for name in sorted(file_hashes)])
+
+
+def hash_sources(files: Sequence[Path], progress: bool = False) -> str:
+    """source_checksum of files on disk (reads them all)."""
+    hashes = {}
+    for p in tqdm(files, desc="hashing latents", unit="file", disable=not progress, file=sys.stderr):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        hashes[p.name] = h.hexdigest()
+    return source_checksum(hashes)
+
+
+@dataclass
+class FolderScan:
+    """Everything one read of a latent folder learns."""
+
+    folder: Path
+    files: list[Path]  # all .pt files, sorted
+    good: list[Path]  # readable, valid, of the common shape (sorted)
+    bad: list[tuple[Path, str]]  # (file, reason)
+    shape: Optional[tuple[int, ...]]  # common (C, D, H, W)
+    dtypes: Counter = field(default_factory=Counter)  # source dtype -> count (good files)
+    stats: Optional[ChannelStats] = None  # over the good files
+    file_hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256, every file
+    source_sha256: str = ""
+    fingerprint: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        return [latent_name(p) for p in self.good]
+
+    def raise_if_bad(self, limit: int = 20) -> None:
+        """UserError listing the bad files (at most `limit` lines, then a count)."""
+        if not self.bad:
+            return
+        lines = [f"{p}: {reason}" for p, reason in self.bad[:limit]]
+        if len(self.bad) > limit:
+            lines.append(f"{self.folder}: ... and {len(self.bad) - limit} more bad files")
+        lines.append(f"{self.folder}: {len(self.bad)} of {len(self.files)} latent files are bad (--skip-bad packs the others)")
+        raise UserError(*lines)
+
+
+def scan_latents(folder: Path, progress: bool = True) -> FolderScan:
+    """Read every `.pt` file in `folder` once: check it, hash it, and accumulate float64 statistics.
+
+    Files whose shape differs from the most common shape are bad. Statistics
+    cover only the good files. Raises UserError only when the folder itself is
+    wrong (missing, empty); bad files are listed in the result.
+    """
+    files = list_latent_files(folder)
+    fingerprint = source_fingerprint(files)
+    hashes: dict[str, str] = {}
+    valid: list[tuple[Path, tuple[int, ...], torch.dtype, ChannelStats]] = []
+    bad: list[tuple[Path, str]] = []
+    for p in tqdm(files, desc="checking latents", unit="file", disable=not progress, file=sys.stderr, mininterval=0.5):
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            bad.append((p, f"cannot read ({_short(e)})"))
+            continue
+        hashes[p.name] = hashlib.sha256(data).hexdigest()
+        try:
+            x = load_latent_bytes(data, p)
+        except LatentFileError as e:
+            bad.append((p, e.reason))
+            continue
+        valid.append((p, tuple(x.shape), x.dtype, ChannelStats.of(x)))
+    shape = None
+    good: list[Path] = []
+    stats: Optional[ChannelStats] = None
+    dtypes: Counter = Counter()
+    if valid:
+        counts = Counter(s for _, s, _, _ in valid)
+        top = max(counts.values())
+        shape = next(s for _, s, _, _ in valid if counts[s] == top)  # most common; ties: the first file's
+        for p, s, dtype, st in valid:
+            if s != shape:
+                bad.append((p, f"shape {list(s)} differs from {list(shape)} of the other {top} files"))
+                continue
+            good.append(p)
+            dtypes[str(dtype).replace("torch.", "")] += 1
+            stats = st if stats is None else stats.merge(st)
+    bad.sort(key=lambda item: item[0].name)
+    return FolderScan(
+        folder=Path(folder),
+        files=files,
+        good=good,
+        bad=bad,
+        shape=shape,
+        dtypes=dtypes,
+        stats=stats,
+        file_hashes=hashes,
+        source_sha256=source_checksum(hashes) if len(hashes) == len(files) else "",
+        fingerprint=fingerprint,
+    )
+
+
+def check_stats_file(path: Path, stats: ChannelStats) -> list[str]:
+    """Warn (stderr) when latent_stats.json disagrees with the computed statistics; returns the disagreements."""
+    if not Path(path).exists():
+        return []
+    try:
+        file_mean, file_std = read_stats_json(path)
+    except UserError as e:
+        problems = list(e.problems)
+    else:
+        problems = compare_stats(file_mean, file_std, stats.mean, stats.std)
+    for problem in problems:
+        warn(f"{path} disagrees with the latents: {problem}" if not problem.startswith(str(path)) else problem)
+    return problems
+
+
+def stats_file_beside(folder: Path) -> Path:
+    """Where the upstream encoder writes latent_stats.json."""
+    return Path(folder) / STATS_FILE
