@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# NeuroMF launcher (login node): validate the run-spec through the image, create the output folders, submit
+# container/train_worker.sh with sbatch. Nothing is submitted unless the run-spec and its paths are valid.
+#
+#   container/train.sh [OPTIONS] SPEC [--set KEY=VALUE ...] [-- EXTRA_SBATCH_OPTIONS ...]
+#
+# Options (each also read from the environment variable in brackets; an empty value drops the sbatch option):
+#   --time T           wall time                                   [NEUROMF_TIME, default 2-00:00:00]
+#   --cpus N           CPUs per task                               [NEUROMF_CPUS, default 16]
+#   --mem M            memory per node                             [NEUROMF_MEM, default 64G]
+#   --constraint C     node features                               [NEUROMF_CONSTRAINT, default dgx]
+#   --gres G           generic resources                           [NEUROMF_GRES, default gpu:1]
+#   --partition P      partition                                   [NEUROMF_PARTITION, default: the site's]
+#   --account A        account                                     [NEUROMF_ACCOUNT, default: the site's]
+#   --job-name N       job name                                    [NEUROMF_JOB_NAME, default neuromf_p4_train]
+#   --signal SIG       wall-time / pre-emption signal to the batch shell: USR1, or USR2 (the default when the
+#                      run-spec asks for more than one GPU: NCCL uses USR1)               [NEUROMF_SIGNAL]
+#   --signal-lead S    seconds before the time limit the signal is sent                   [NEUROMF_SIGNAL_LEAD, 600]
+#   --results DIR      results folder; logs go to DIR/phase_4/logs
+#                      (default: paths.results_root, else the run folder's parent)        [NEUROMF_RESULTS]
+#   --sif PATH         the image                                   [NEUROMF_SIF, default ./trainer.sif]
+#   --runtime CMD      container command                           [NEUROMF_RUNTIME, default apptainer]
+#   --resume auto|PATH checkpoint for the first start (a requeued job always resumes with auto) [NEUROMF_RESUME]
+#   --dry-run          validate and print the sbatch command, submit nothing
+#
+# Exit codes: 0 submitted (prints the job id), 2 invalid run-spec or options (nothing submitted), other: sbatch failed.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TIME=${NEUROMF_TIME-2-00:00:00}
+CPUS=${NEUROMF_CPUS-16}
+MEM=${NEUROMF_MEM-64G}
+CONSTRAINT=${NEUROMF_CONSTRAINT-dgx}
+GRES=${NEUROMF_GRES-gpu:1}
+PARTITION=${NEUROMF_PARTITION-}
+ACCOUNT=${NEUROMF_ACCOUNT-}
+JOB_NAME=${NEUROMF_JOB_NAME-neuromf_p4_train}
+SIGNAL=${NEUROMF_SIGNAL-}
+SIGNAL_LEAD=${NEUROMF_SIGNAL_LEAD-600}
+RESULTS=${NEUROMF_RESULTS-}
+SIF=${NEUROMF_SIF-$PWD/trainer.sif}
+RUNTIME=${NEUROMF_RUNTIME-apptainer}
+RESUME=${NEUROMF_RESUME-}
+DRY_RUN=0
+
+die() {
+    local line
+    for line in "$@"; do printf 'train.sh: %s\n' "$line" >&2; done
+    exit 2
+}
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+
+SPEC=""
+SETS=()
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --time | --cpus | --mem | --constraint | --gres | --partition | --account | --job-name | --signal | \
+            --signal-lead | --results | --sif | --runtime | --resume | --set)
+            [[ $# -ge 2 ]] || die "$1 needs a value"
+            case $1 in
+                --time) TIME=$2 ;;
+                --cpus) CPUS=$2 ;;
+                --mem) MEM=$2 ;;
+                --constraint) CONSTRAINT=$2 ;;
+                --gres) GRES=$2 ;;
+                --partition) PARTITION=$2 ;;
+                --account) ACCOUNT=$2 ;;
+                --job-name) JOB_NAME=$2 ;;
+                --signal) SIGNAL=$2 ;;
+                --signal-lead) SIGNAL_LEAD=$2 ;;
+                --results) RESULTS=$2 ;;
+                --sif) SIF=$2 ;;
+                --runtime) RUNTIME=$2 ;;
+                --resume) RESUME=$2 ;;
+                --set) SETS+=(--set "$2") ;;
+            esac
+            shift 2
+            ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *)
+            [[ -z $SPEC ]] || die "only one SPEC, got '$SPEC' and '$1'"
+            SPEC=$1
+            shift
+            ;;
+    esac
+done
+
+[[ -n $SPEC ]] || die "usage: container/train.sh [OPTIONS] SPEC [--set KEY=VALUE ...] [-- SBATCH_OPTIONS]"
+[[ -f $SPEC ]] || die "$SPEC: no such run-spec file"
+SPEC=$(cd "$(dirname "$SPEC")" && pwd)/$(basename "$SPEC") # the job may start elsewhere: absolute path
+[[ -z $SIGNAL || $SIGNAL == USR1 || $SIGNAL == USR2 ]] || die "--signal: USR1 or USR2, got '$SIGNAL'"
+[[ $SIGNAL_LEAD =~ ^[0-9]+$ ]] || die "--signal-lead: whole seconds, got '$SIGNAL_LEAD'"
+[[ $SIF == /* ]] || SIF=$PWD/$SIF
+[[ -f $SIF ]] || die "image $SIF not found: build it with container/build_sif.sh (or give --sif)"
+command -v "$RUNTIME" >/dev/null 2>&1 || die "container runtime '$RUNTIME' not found (module load apptainer, or --runtime)"
+[[ $DRY_RUN == 1 ]] || command -v sbatch >/dev/null 2>&1 || die "sbatch not found: run this on a SLURM login node"
+
+# Read the folders from the resolved run-spec with the image's own neuromf (a parse error stops here).
+SPEC_PATHS_PY='
+import argparse, sys
+from neuromf.errors import UserError
+from neuromf.spec import load_runspec
+p = argparse.ArgumentParser()
+p.add_argument("spec")
+p.add_argument("--set", dest="overrides", action="append", default=[])
+a = p.parse_args()
+try:
+    s = load_runspec(a.spec, a.overrides)
+except UserError as e:
+    sys.exit("\n".join(e.problems))
+print(s.paths.run_dir)
+print(s.paths.results_root or s.paths.run_dir.parent)
+print(s.paths.cache_dir or s.paths.run_dir / "cache" / "torchinductor")
+print(s.hardware.nodes * s.hardware.gpus_per_node)
+for folder in [s.data.latent_dir, s.data.shard and s.data.shard.parent, s.data.stats_file and s.data.stats_file.parent,
+               s.paths.vae_weights and s.paths.vae_weights.parent, s.model.init_from and s.model.init_from.parent]:
+    if folder is not None and folder.is_dir():
+        print(folder)
+'
+spec_dir=$(dirname "$SPEC")
+if ! out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -c "$SPEC_PATHS_PY" "$SPEC" "${SETS[@]}" 2>&1); then
+    mapfile -t problems <<<"$out"
+    die "invalid run-spec $SPEC, nothing submitted:" "${problems[@]}"
+fi
+mapfile -t info <<<"$out"
+RUN_DIR=${info[0]}
+RESULTS=${RESULTS:-${info[1]}}
+CACHE_DIR=${info[2]}
+N_GPUS=${info[3]}
+[[ -n $SIGNAL ]] || { [[ $N_GPUS -gt 1 ]] && SIGNAL=USR2 || SIGNAL=USR1; }
+LOG_DIR=$RESULTS/phase_4/logs
+
+# Outputs are created here, on the login node, so the job's binds and log files have somewhere to go.
+mkdir -p "$RUN_DIR" "$CACHE_DIR" "$LOG_DIR" || die "cannot create $RUN_DIR, $CACHE_DIR or $LOG_DIR"
+binds=(--bind "$spec_dir" --bind "$RUN_DIR" --bind "$CACHE_DIR")
+for folder in "${info[@]:4}"; do binds+=(--bind "$folder"); done
+if ! report=$("$RUNTIME" exec "${binds[@]}" "$SIF" neuromf validate "$SPEC" "${SETS[@]}" --check-paths 2>&1); then
+    mapfile -t problems <<<"$report"
+    die "invalid run-spec $SPEC, nothing submitted:" "${problems[@]}"
+fi
+printf '%s\n' "$report"
+
+args=(--parsable --export=ALL --job-name="$JOB_NAME" --ntasks=1 --requeue --open-mode=append
+    --signal="B:$SIGNAL@$SIGNAL_LEAD" --output="$LOG_DIR/%x_%j.out" --error="$LOG_DIR/%x_%j.err")
+[[ -n $TIME ]] && args+=(--time="$TIME")
+[[ -n $CPUS ]] && args+=(--cpus-per-task="$CPUS")
+[[ -n $MEM ]] && args+=(--mem="$MEM")
+[[ -n $CONSTRAINT ]] && args+=(--constraint="$CONSTRAINT")
+[[ -n $GRES ]] && args+=(--gres="$GRES")
+[[ -n $PARTITION ]] && args+=(--partition="$PARTITION")
+[[ -n $ACCOUNT ]] && args+=(--account="$ACCOUNT")
+args+=("${EXTRA[@]}")
+
+# The worker reads these (sbatch --export=ALL hands them over; a requeued job gets them again).
+export NEUROMF_RUNTIME=$RUNTIME NEUROMF_SIF=$SIF NEUROMF_REPO=$REPO
+[[ -n $RESUME ]] && export NEUROMF_RESUME=$RESUME
+cmd=(sbatch "${args[@]}" "$REPO/container/train_worker.sh" "$SPEC" "${SETS[@]}")
+if [[ $DRY_RUN == 1 ]]; then
+    printf 'dry run, would submit:'
+    printf ' %q' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+job=$("${cmd[@]}")
+job=${job%%;*}
+log=$LOG_DIR/${JOB_NAME}_$job
+cat <<EOF
+submitted job $job ($JOB_NAME), signal SIG$SIGNAL $SIGNAL_LEAD s before the time limit
+  run folder:  $RUN_DIR   (checkpoints/, samples/, training_log.jsonl)
+  logs:        $log.out  $log.err
+  watch:       squeue -j $job;  tail -f $log.out
+  requeue now: scancel --batch --signal=$SIGNAL $job   (saves a checkpoint, requeues, resumes)
+  stop:        scancel $job   (saves a checkpoint, no requeue; run this script again to resume)
+EOF
