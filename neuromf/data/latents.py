@@ -82,7 +82,10 @@ def _refusal(e: BaseException) -> str:
     if marker in text:
         rest = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
         if rest:
-            return rest[0][:160]
+            line = rest[0]
+            if line.startswith("Unsupported global: GLOBAL "):  # name the class, drop torch's advice
+                return "it pickles " + line[len("Unsupported global: GLOBAL ") :].split(" ", 1)[0]
+            return line[:160]
     return _short(e)
 
 
