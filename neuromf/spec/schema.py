@@ -219,7 +219,9 @@ class DataSpec(Section):
         "auto", description="Where the training set lives: on the GPU, in host memory, or streamed from the shard."
     )
     flip_lr: bool = Field(False, description="Augment with random left-right flips of the latent volume.")
-    flip_axis: int = Field(2, ge=0, le=2, description="Spatial axis (0=D, 1=H, 2=W) flipped by flip_lr.")
+    flip_axis: int = Field(
+        0, ge=0, le=2, description="Spatial axis flipped by flip_lr: 0 (D) is left-right for RAS-ordered latents."
+    )
     demo: DemoDataSpec = DemoDataSpec()
 
     @model_validator(mode="after")
