@@ -1,0 +1,370 @@
+"""`neuromf train`: the whole training loop, top to bottom.
+
+    spec -> device, seeds -> data -> network, loss, EMA, optimizer, schedule
+         -> resume (checkpoint) -> loop over optimizer steps:
+              micro-batches (loss, backward) -> NaN/Inf guard -> clip -> AdamW -> LR -> EMA
+              log | epoch end: validation, periodic checkpoint, samples | stop signal: save, exit 75
+         -> final validation, samples, checkpoint
+
+Everything random is drawn from generators whose state is checkpointed, so a
+run that is killed and resumed ends with the same weights as one that was not.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from neuromf.errors import UserError
+from neuromf.spec.schema import RunSpec
+from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, capture_rng_states, load_checkpoint, restore_rng_states
+from neuromf.train.ema import EMA
+from neuromf.train.run_log import RunLog
+from neuromf.train.schedule import build_optimizer, build_scheduler
+from neuromf.train.signals import StopRequest
+
+# loss.compute(net, z0, e, t, r, autocast_dtype=...): the pure part of the loss, eager or compiled
+ComputeFn = Callable[..., dict[str, torch.Tensor]]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with NaN/Inf loss or gradients."""
+
+
+@dataclass
+class Progress:
+    """The loop's own counters; checkpointed with everything else."""
+
+    epoch: int = 0
+    global_step: int = 0
+    bad_steps: int = 0
+    consecutive_bad: int = 0
+    best_val: float = math.inf
+    history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "val": []})
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def pick_device(spec: RunSpec) -> torch.device:
+    wanted = spec.hardware.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UserError("hardware.device: 'cuda' requested but no CUDA GPU is visible")
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(wanted)
+
+
+def configure_torch(spec: RunSpec, device: torch.device) -> None:
+    if spec.hardware.num_threads:
+        torch.set_num_threads(spec.hardware.num_threads)
+    if spec.paths.cache_dir is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(spec.paths.cache_dir))
+    torch.manual_seed(spec.training.seed)
+    if spec.training.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_dtype(spec: RunSpec, device: torch.device) -> Optional[torch.dtype]:
+    return torch.bfloat16 if spec.training.precision == "bf16" else None
+
+
+def total_steps(spec: RunSpec, steps_per_epoch: int) -> int:
+    return spec.training.max_steps or steps_per_epoch * spec.training.max_epochs
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def train_step(
+    loss: Any,
+    compute: ComputeFn,
+    net: torch.nn.Module,
+    batch: torch.Tensor,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    spec: RunSpec,
+    dtype: Optional[torch.dtype],
+) -> tuple[bool, dict[str, torch.Tensor]]:
+    """Micro-batches -> gradients -> (if all finite) clip and step. Returns (applied, metrics)."""
+    accumulate = spec.training.accumulate_grad_batches
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, torch.Tensor] = {}
+    for micro in batch.chunk(accumulate):
+        e, t, r = loss.draw(micro, generator)  # randomness outside the compiled part
+        out = compute(net, micro, e, t, r, autocast_dtype=dtype)
+        (out["loss_total"] / accumulate).backward()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float() / accumulate
+    params = [p for p in net.parameters() if p.grad is not None]
+    clip = spec.training.grad_clip if spec.training.grad_clip is not None else math.inf
+    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)  # the norm before clipping
+    finite = bool(torch.isfinite(sums["loss_total"]) & torch.isfinite(sums["grad_norm"]))  # one sync per step
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return finite, sums
+
+
+@torch.no_grad()
+def validation_losses(
+    loss: Any, net: torch.nn.Module, batches: Any, spec: RunSpec, device: torch.device, dtype: Optional[torch.dtype]
+) -> dict[str, float]:
+    """Mean loss terms over the val split with a fixed generator, so numbers of different epochs compare."""
+    generator = torch.Generator(device).manual_seed(spec.training.seed + 1)
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        out = loss(net, batch, generator, autocast_dtype=dtype)
+        size = batch.shape[0]
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * size
+        n += size
+    means = {k: v / max(n, 1) for k, v in sums.items()}
+    means["mse_total"] = means.get("mse_fm", math.nan) + spec.meanflow.lambda_mf * means.get("mse_mf", math.nan)
+    return means
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Trainer:
+    """Holds the run's objects; `run()` is the loop. Split into methods only where a step has a name."""
+
+    def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> None:
+        from neuromf.data.loader import prepare_data
+        from neuromf.meanflow.loss import MeanFlowLoss
+        from neuromf.model.unet import build_network
+
+        self.spec, self.dry_run = spec, dry_run
+        self.device = pick_device(spec)
+        configure_torch(spec, self.device)
+        self.dtype = autocast_dtype(spec, self.device)
+        self.data = prepare_data(spec, self.device)
+        self.batches = self.data.train_batches(spec.training.batch_size)
+        self.val_batches = self.data.val_batches(spec.training.micro_batch_size) if self.data.val_names else None
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = 1 if dry_run else total_steps(spec, self.steps_per_epoch)
+        if not dry_run and spec.training.warmup_steps >= self.total_steps:
+            raise UserError(f"training.warmup_steps: {spec.training.warmup_steps} is not shorter than the run ({self.total_steps} steps)")
+
+        self.net = build_network(spec.model).to(self.device)
+        if spec.model.init_from is not None:
+            from neuromf.model.warm_start import load_pretrained_backbone
+
+            load_pretrained_backbone(self.net, spec.model.init_from)
+        # NaN/Inf batches become skipped steps here (the loss's own check would stop the run).
+        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
+        self.compute: ComputeFn = self.loss.compute
+        self.ema = EMA(self.net, spec.ema.decay, spec.ema.half_lives)
+        self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, spec.training)
+        self.generator = torch.Generator(self.device).manual_seed(spec.training.seed)
+        self.progress = Progress()
+        self.checkpoints = CheckpointDir(spec.paths.run_dir, spec.checkpoint.keep_last)
+        resumed_from = self._resume(resume) if resume and not dry_run else None
+        self.log = RunLog(spec, self.total_steps, self.progress.global_step, resumed=resumed_from is not None)
+        if resumed_from is not None:
+            self.log.event(self.progress.global_step, f"resumed from {resumed_from} at step {self.progress.global_step}")
+        if spec.training.compile:
+            self._compile()
+
+    # ------------------------------------------------------------ resume and checkpoints
+
+    def _resume(self, resume: str) -> Optional[Path]:
+        if resume == "auto":
+            found = self.checkpoints.load_newest(self.device)
+            if found is None:
+                print("no checkpoint to resume from: starting fresh")
+                return None
+            path, state = found
+        else:
+            path = Path(resume)
+            try:
+                state = load_checkpoint(path, self.device)
+            except FileNotFoundError:
+                raise UserError(f"--resume: {path} does not exist") from None
+            except Exception as e:
+                raise UserError(f"--resume: {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if state["config"]["model"] != self.spec.model.model_dump(mode="json"):
+            raise UserError(f"--resume: {path} was trained with a different model section; start a new run_dir")
+        self.net.load_state_dict(state["model_state_dict"])
+        self.ema.load_full_state_dict(state["ema_all"])
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        self.batches.load_state_dict(state["data_state"])
+        restore_rng_states(state["rng"], {"loss": self.generator})
+        self.progress = Progress(**state["progress"])
+        return path
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        model_state = self.net.state_dict()
+        assert_finite(model_state, "model")
+        assert_finite(self.ema.state_dict(), "ema")
+        return {
+            "format": FORMAT,
+            "epoch": self.progress.epoch,
+            "global_step": self.progress.global_step,
+            "model_state_dict": model_state,
+            "ema_state_dict": self.ema.state_dict(),
+            "ema_all": self.ema.full_state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "config": self.spec.model_dump(mode="json"),
+            "loss_history": self.progress.history,
+            "progress": asdict(self.progress),
+            "rng": capture_rng_states({"loss": self.generator}),
+            "data_state": self.batches.state_dict(),
+        }
+
+    def save_latest(self) -> Path:
+        path = self.checkpoints.save_latest(self.checkpoint_state())
+        self.log.write_summary()
+        return path
+
+    # ------------------------------------------------------------ compile
+
+    def _compile(self) -> None:
+        """Compile the loss maths (forward, JVP, backward graphs). Lazy: failures surface at the first step."""
+        self.compute = torch.compile(self.loss.compute)
+
+    def _step(self, batch: torch.Tensor) -> tuple[bool, dict[str, torch.Tensor]]:
+        try:
+            return train_step(self.loss, self.compute, self.net, batch, self.generator, self.optimizer, self.spec, self.dtype)
+        except Exception as e:
+            if self.compute == self.loss.compute:
+                raise
+            # A failed compile must not cost the run: say so once and go on eagerly (slower, same maths).
+            self.log.event(self.progress.global_step, f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to eager")
+            self.compute = self.loss.compute
+            self.optimizer.zero_grad(set_to_none=True)
+            return train_step(self.loss, self.compute, self.net, batch, self.generator, self.optimizer, self.spec, self.dtype)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        spec, p = self.spec, self.progress
+        log_every = spec.logging.log_every_n_steps
+        self.log.say(f"training {spec.name}: {self.total_steps} steps, {self.steps_per_epoch} per epoch, on {self.device}")
+        window_t0, window_samples, epoch_sums, epoch_n = time.perf_counter(), 0, {}, 0
+        epoch_done = False
+        self.net.train()
+        with StopRequest() as stop:
+            while p.global_step < self.total_steps:
+                batch = self.batches.next_batch()
+                applied, metrics = self._step(batch)
+                window_samples += batch.shape[0]
+                if applied:
+                    self.scheduler.step()
+                    if p.global_step % spec.ema.update_every == 0:
+                        self.ema.update(self.net)
+                    p.global_step += 1
+                    p.consecutive_bad = 0
+                    for k in ("loss_total", "mse_fm", "mse_mf"):
+                        epoch_sums[k] = epoch_sums.get(k, 0.0) + float(metrics[k])
+                    epoch_n += 1
+                else:
+                    p.bad_steps += 1
+                    p.consecutive_bad += 1
+                    self.log.event(p.global_step, f"skipped a step with NaN/Inf loss or gradients ({p.consecutive_bad} in a row, {p.bad_steps} in all)", bad_step=True)
+                    if p.consecutive_bad >= spec.training.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"training stopped: {p.consecutive_bad} consecutive steps with NaN/Inf loss or gradients "
+                            f"(training.max_bad_steps); the last good checkpoint is in {self.checkpoints.folder}"
+                        )
+
+                logging_step = applied and (p.global_step % log_every == 0 or p.global_step == 1)
+                if logging_step:
+                    elapsed = time.perf_counter() - window_t0
+                    record = {"step": p.global_step, "epoch": p.epoch, "train/lr": self.scheduler.get_last_lr()[0]}
+                    record.update({f"train/{k}": float(v) for k, v in metrics.items()})
+                    record["train/latents_per_s"] = window_samples / elapsed if elapsed > 0 else 0.0
+                    if self.device.type == "cuda":
+                        record["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.log.log(record)
+                    window_t0, window_samples = time.perf_counter(), 0
+                self.log.progress(p.global_step, p.epoch, {f"train/{k}": float(v) for k, v in metrics.items() if k.startswith(("loss_total", "mse"))} if logging_step or self.log.use_bar else {}, logging_step)
+
+                if self.dry_run:
+                    self.log.say(f"dry run: one step done, loss {float(metrics['loss_total']):.4f}")
+                    self.log.close()
+                    return 0
+                epoch_done = self.batches.position >= self.steps_per_epoch
+                if epoch_done:
+                    p.epoch = self.batches.epoch + 1  # epochs completed
+                    p.history["train"].append({"epoch": p.epoch, **{k: v / max(epoch_n, 1) for k, v in epoch_sums.items()}})
+                    epoch_sums, epoch_n = {}, 0
+                    self._end_of_epoch(final=p.global_step >= self.total_steps)
+                elif p.global_step % spec.checkpoint.latest_every_n_steps == 0 and applied:
+                    self.save_latest()
+                if stop.requested:
+                    path = self.save_latest()
+                    self.log.event(p.global_step, f"{stop.requested}: saved {path} at step {p.global_step}; exiting with {stop.exit_code}")
+                    self.log.close()
+                    return stop.exit_code
+            if not epoch_done:  # max_steps ended inside an epoch: still validate, sample and save
+                self._end_of_epoch(final=True)
+        self.log.say(f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}")
+        self.log.close()
+        return 0
+
+    def _end_of_epoch(self, final: bool) -> None:
+        """Epoch p.epoch - 1 just finished: validation, checkpoints and samples as the run-spec asks."""
+        spec, p = self.spec, self.progress
+        done = p.epoch  # epochs completed
+        if final or done % spec.logging.val_every_n_epochs == 0:
+            self._validate()
+        if final or done % spec.checkpoint.save_every_n_epochs == 0:
+            self.checkpoints.save_epoch(self.checkpoint_state(), done)
+        if final or done % spec.sampling.every_n_epochs == 0:
+            self._samples(done)
+        self.save_latest()
+
+    def _validate(self) -> None:
+        p = self.progress
+        if self.val_batches is None:
+            return
+        self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
+        record: dict[str, Any] = {"step": p.global_step, "epoch": p.epoch}
+        for label, net in (("val", self.ema_net), ("val_online", self.net)):
+            losses = validation_losses(self.loss, net, self.val_batches, self.spec, self.device, self.dtype)
+            record.update({f"{label}/{k}": v for k, v in losses.items() if k in {"loss_total", "loss_fm", "loss_mf", "mse_fm", "mse_mf", "mse_total"}})
+        self.log.log(record)
+        p.history["val"].append({k: v for k, v in record.items()})
+        if record["val/mse_total"] < p.best_val:
+            p.best_val = record["val/mse_total"]
+            self.checkpoints.save_best(self.checkpoint_state())
+        self.log.say(f"epoch {p.epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}")
+
+    def _samples(self, epoch: int) -> None:
+        from neuromf.train.periodic import write_periodic_samples
+
+        self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
+        nets = {"ema": self.ema_net, "online": self.net}
+        folder = write_periodic_samples(self.spec, {w: nets[w] for w in self.spec.sampling.weights}, self.data.stats, epoch, self.device)
+        self.log.event(self.progress.global_step, f"samples of epoch {epoch} in {folder}")
+
+
+def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> int:
+    trainer = Trainer(spec, resume=resume, dry_run=dry_run)
+    try:
+        return trainer.run()
+    except TrainingDiverged as e:
+        trainer.log.event(trainer.progress.global_step, str(e))
+        trainer.log.close()
+        return 3

@@ -1,0 +1,69 @@
+"""Periodic samples during training: fixed noise -> 1- (and multi-) step samples -> de-normalise -> decode -> files.
+
+The noise comes from `sampling.seed` every time, so the grids of different
+epochs show the same draws evolving. The VAE is loaded once per epoch, for all
+sample sets, and freed before training resumes.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuromf.spec.schema import RunSpec
+
+
+def fixed_noise(spec: RunSpec, device: torch.device) -> torch.Tensor:
+    """The same (n_samples, C, D, H, W) noise for every epoch (drawn on the CPU: identical on every device)."""
+    g = torch.Generator().manual_seed(spec.sampling.seed)
+    shape = (spec.sampling.n_samples, spec.model.in_channels, *spec.model.spatial_size)
+    return torch.randn(shape, generator=g).to(device)
+
+
+@torch.no_grad()
+def generate_latents(spec: RunSpec, net: nn.Module, noise: torch.Tensor, nfe: int) -> torch.Tensor:
+    """Normalised latents from `noise` in `nfe` steps, in micro-batches, under the run's autocast."""
+    from neuromf.meanflow.sampler import sample_multi_step, sample_one_step
+
+    bf16 = spec.training.precision == "bf16" and noise.device.type == "cuda"
+    out = []
+    for chunk in noise.split(spec.training.micro_batch_size):
+        with torch.autocast(noise.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            if nfe == 1:
+                x = sample_one_step(net, chunk, prediction_type=spec.model.prediction_type)
+            else:
+                x = sample_multi_step(net, chunk, nfe, prediction_type=spec.model.prediction_type)
+        out.append(x.float())
+    return torch.cat(out)
+
+
+def write_periodic_samples(
+    spec: RunSpec, nets: dict[str, nn.Module], stats: Any, epoch: int, device: torch.device
+) -> Path:
+    """Samples of every (weights, nfe) pair the run-spec asks for, under samples/epoch_N/."""
+    from neuromf.model.vae import decode_with, loaded_vae
+    from neuromf.train.samples import epoch_sample_dir, write_sample_set
+
+    noise = fixed_noise(spec, device)
+    latents = {}
+    for weights, net in nets.items():
+        was_training = net.training
+        net.eval()
+        for nfe in spec.sampling.nfe:
+            latents[f"{weights}_nfe{nfe}"] = stats.denormalise(generate_latents(spec, net, noise, nfe)).cpu()
+        net.train(was_training)
+
+    if spec.vae.decoder == "identity":
+        volumes = latents
+    else:
+        with loaded_vae(spec.vae, spec.paths.vae_weights, device) as vae:
+            volumes = {label: decode_with(vae, z, spec.vae) for label, z in latents.items()}
+
+    folder = epoch_sample_dir(spec.paths.run_dir, epoch)
+    for label, z in latents.items():
+        write_sample_set(folder, z, volumes[label], label=label, save_volumes=spec.sampling.save_volumes)
+    return folder
