@@ -1,0 +1,317 @@
+"""Static and host-side tests of the container files: Dockerfile, apptainer.def, container/*.sh.
+
+No Docker engine or Apptainer runs here, so the recipes are parsed (spython's parsers, plus our own checks) and the
+shell scripts are run on the host where that is meaningful: the entry point's dispatch, the %environment fallback,
+the host runtime shim, the worker's pre-flight failures and the launcher's sbatch command (--dry-run).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONTAINER = REPO / "container"
+SCRIPTS = sorted(CONTAINER.glob("*.sh"))
+VENV_BIN = Path(sys.executable).parent
+DEF_SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "test", "labels", "help"}
+
+
+def host_env(**extra: str) -> dict[str, str]:
+    """The environment of a host run: this interpreter's `neuromf` and `python` first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEUROMF_", "APPTAINERENV_", "SLURM_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=host_env(**env))
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def def_sections() -> dict[str, str]:
+    """apptainer.def: header lines under "header", then each %section's body (dedented)."""
+    sections: dict[str, list[str]] = {"header": []}
+    current = "header"
+    for line in (REPO / "apptainer.def").read_text().splitlines():
+        m = re.match(r"^%(\w+)\s*$", line)
+        if m:
+            current = m.group(1)
+            assert current not in sections, f"section %{current} appears twice"
+            sections[current] = []
+        else:
+            sections[current].append(line[4:] if line.startswith("    ") else line)
+    return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
+@pytest.fixture()
+def placeholder_sif(tmp_path: Path) -> Path:
+    """host_runtime.sh ignores the image's contents but, like apptainer, needs the file."""
+    sif = tmp_path / "trainer.sif"
+    sif.write_text("placeholder image: container/host_runtime.sh runs commands on the host\n")
+    return sif
+
+
+# ------------------------------------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_base_image_is_a_build_argument() -> None:
+    ins = dockerfile_instructions()
+    first_from = next(i for i, (word, _) in enumerate(ins) if word == "FROM")
+    args_before = [rest for word, rest in ins[:first_from] if word == "ARG"]
+    assert any(re.match(r"BASE_IMAGE=\S+/\S+:\S*cuda\S*", a) for a in args_before), args_before
+    assert ins[first_from][1] == "${BASE_IMAGE}"
+
+
+def test_dockerfile_copies_only_files_that_exist_and_are_not_ignored() -> None:
+    ignore = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    copies = [rest.split() for word, rest in dockerfile_instructions() if word in {"COPY", "ADD"}]
+    assert copies, "the Dockerfile copies nothing"
+    for parts in copies:
+        assert not any(p.startswith("--from") for p in parts), "no multi-stage copies expected"
+        for src in parts[:-1]:
+            assert src not in {".", "./"}, "COPY . would rebuild every layer on any change"
+            assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+            name = src.rstrip("/")
+            hits = [pat for pat in ignore if fnmatch.fnmatch(name, pat.lstrip("/"))]
+            assert not hits, f"COPY {src} is excluded by .dockerignore {hits}"
+
+
+def test_dockerfile_environment_entrypoint_and_cache() -> None:
+    from spython.main.parse.parsers import DockerParser
+
+    recipe = next(iter(DockerParser(str(REPO / "Dockerfile")).recipe.values()))
+    env = dict(e.split("=", 1) for e in recipe.environ)
+    assert env["PYTHONNOUSERSITE"] == "1"
+    assert env["WANDB_MODE"] == "offline"
+    cache = env["TORCHINDUCTOR_CACHE_DIR"]
+    assert cache.startswith("/")
+    runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
+    # The cache folder is created and writable by any user (docker run --user, and Apptainer's own user).
+    assert re.search(rf"mkdir -p [^&]*{re.escape(cache)}", runs), runs
+    assert re.search(rf"chmod -R 1777 {re.escape(str(Path(cache).parent))}", runs), runs
+    entry = recipe.entrypoint
+    assert entry and entry[0].startswith(recipe.workdir + "/")
+    script = REPO / Path(entry[0]).relative_to(recipe.workdir)
+    assert script.is_file() and os.access(script, os.X_OK), script
+
+
+def test_dockerfile_layers_put_dependencies_before_source() -> None:
+    ins = dockerfile_instructions()
+    order = [(w, r) for w, r in ins if w in {"COPY", "RUN"}]
+    copy_pyproject = next(i for i, (w, r) in enumerate(order) if w == "COPY" and r.startswith("pyproject.toml"))
+    copy_source = next(i for i, (w, r) in enumerate(order) if w == "COPY" and r.startswith("neuromf/"))
+    deps = [i for i, (w, r) in enumerate(order) if w == "RUN" and "pip install" in r and "--no-deps" not in r]
+    assert deps and copy_pyproject < deps[0] < copy_source, order
+    # The source layer installs without resolving dependencies again.
+    after = [r for w, r in order[copy_source:] if w == "RUN" and "pip install" in r]
+    assert after and all("--no-deps" in r for r in after), after
+
+
+def test_entrypoint_runs_neuromf_verbs_and_programs() -> None:
+    entry = str(CONTAINER / "entrypoint.sh")
+    version = run([entry, "--version"])
+    assert version.returncode == 0 and version.stdout.startswith("neuromf "), version
+    valid = run([entry, "validate", "runspecs/demo.yaml"])
+    assert valid.returncode == 0 and "run-spec OK: demo" in valid.stdout, valid
+    program = run([entry, "python", "-c", "print('from python')"])
+    assert program.stdout.strip() == "from python", program
+    bad = run([entry, "validate", "runspecs/demo.yaml", "--set", "training.lr=-1"])
+    assert bad.returncode == 2 and "training.lr" in bad.stderr, bad
+
+
+# ---------------------------------------------------------------------------------------------------- apptainer.def
+
+
+def test_def_parses_with_spython_and_matches_the_build_script() -> None:
+    from spython.main.parse.parsers import SingularityParser
+
+    recipe = next(iter(SingularityParser(str(REPO / "apptainer.def")).recipe.values()))
+    build = (CONTAINER / "build_sif.sh").read_text()
+    archive = re.search(r"^ARCHIVE_IN_DEF=(\S+)", build, flags=re.M)
+    assert archive, "build_sif.sh names the docker archive it writes"
+    assert recipe.fromHeader == archive.group(1)
+    assert recipe.cmd == 'exec neuromf train "$@"'
+    env = dict(e.split("=", 1) for e in recipe.environ)
+    assert env["PYTHONNOUSERSITE"] == "1"
+    assert "offline" in env["WANDB_MODE"]
+    assert "TORCHINDUCTOR_CACHE_DIR" in env
+    assert any(label.startswith("org.opencontainers.image.title ") for label in recipe.labels)
+    assert recipe.test  # %test became a script
+
+
+def test_def_sections_header_runscript_test_help() -> None:
+    sections = def_sections()
+    header = dict(ln.split(":", 1) for ln in sections["header"].splitlines() if ":" in ln and not ln.startswith("#"))
+    assert header["Bootstrap"].strip() == "docker-archive"
+    assert set(sections) - {"header"} <= DEF_SECTIONS, set(sections)
+    assert {"environment", "runscript", "test", "labels", "help"} <= set(sections)
+    code = [ln for ln in sections["runscript"].splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert code == ['exec neuromf train "$@"'], code  # exec: signals reach Python; "$@": every argument
+    assert "neuromf --help" in sections["test"] and "import" in sections["test"]
+    assert "apptainer run" in sections["help"] and "runspecs/picasso.yaml" in sections["help"]
+
+
+def test_def_environment_falls_back_when_the_cache_is_read_only() -> None:
+    """%environment under /bin/sh: defaults, caller's values kept, /tmp fallback for an unwritable cache."""
+    show = def_sections()["environment"] + '\necho "$PYTHONNOUSERSITE|$WANDB_MODE|$TORCHINDUCTOR_CACHE_DIR"\n'
+    user = {"user": "nobody"} if os.geteuid() == 0 else {}  # root may write anywhere: run as nobody
+
+    def source(**env: str) -> list[str]:
+        env = {"PATH": "/usr/bin:/bin", "USER": "nobody", **env}
+        done = subprocess.run(["/bin/sh", "-c", show], capture_output=True, text=True, env=env, check=True, **user)
+        return done.stdout.strip().split("|")
+
+    with tempfile.TemporaryDirectory() as top:  # pytest's tmp_path is private to root; nobody must reach this
+        Path(top).chmod(0o755)
+        readonly = Path(top) / "ro"
+        readonly.mkdir(mode=0o555)
+        writable = Path(top) / "rw"
+        writable.mkdir()
+        writable.chmod(0o777)
+        fallback = source(TORCHINDUCTOR_CACHE_DIR=str(readonly / "c"))
+        assert fallback == ["1", "offline", "/tmp/torchinductor_nobody"]
+        kept = source(WANDB_MODE="online", TORCHINDUCTOR_CACHE_DIR=str(writable / "c"))
+        assert kept == ["1", "online", str(writable / "c")]
+        assert (writable / "c").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------- shell scripts
+
+
+def test_shell_scripts_parse_and_are_executable() -> None:
+    names = {p.name for p in SCRIPTS}
+    assert {"build_sif.sh", "train.sh", "train_worker.sh", "host_runtime.sh", "entrypoint.sh"} <= names
+    for script in SCRIPTS:
+        assert os.access(script, os.X_OK), f"{script.name} is not executable"
+        shell = "sh" if script.read_text().startswith("#!/bin/sh") else "bash"
+        done = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{script.name}: {done.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)")
+def test_shell_scripts_pass_shellcheck() -> None:
+    done = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_worker_sbatch_header_and_signal_handling() -> None:
+    text = (CONTAINER / "train_worker.sh").read_text()
+    header = re.findall(r"^#SBATCH (\S+)", text, flags=re.M)
+    assert {"--requeue", "--open-mode=append", "--job-name=neuromf_p4_train", "--ntasks=1"} <= set(header)
+    assert any(re.fullmatch(r"--signal=B:USR[12]@\d+", h) for h in header), header
+    for sig in ("USR1", "USR2", "TERM"):
+        assert re.search(rf"^trap '\w+ {sig}' {sig}$", text, flags=re.M), f"no trap for {sig}"
+    # The trainer runs in the background and the shell waits for it, again after each trapped signal.
+    assert re.search(r'neuromf train "\$SPEC" "\$\{SETS\[@\]\}" --resume "\$RESUME" &\nchild=\$!', text)
+    assert re.search(r'while kill -0 "\$child" 2>/dev/null; do\n\s+wait "\$child"\ndone\nwait "\$child"', text)
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert re.search(r"^RUNTIME=\$\{NEUROMF_RUNTIME:-apptainer\}$", text, flags=re.M)
+
+
+def test_host_runtime_runs_the_command_with_apptainer_semantics(placeholder_sif: Path, tmp_path: Path) -> None:
+    shim = str(CONTAINER / "host_runtime.sh")
+    ok = run([shim, "exec", "--nv", "--bind", str(tmp_path), "-B", f"{tmp_path}:{tmp_path}", str(placeholder_sif),
+              "sh", "-c", 'echo "$NEUROMF_TEST_VAR"'], APPTAINERENV_NEUROMF_TEST_VAR="inside")
+    assert ok.returncode == 0 and ok.stdout.strip() == "inside", ok
+    remap = run([shim, "exec", "--bind", f"{tmp_path}:/data", str(placeholder_sif), "true"])
+    assert remap.returncode == 64 and "different path" in remap.stderr
+    unknown = run([shim, "exec", "--fakeroot", str(placeholder_sif), "true"])
+    assert unknown.returncode == 64 and "--fakeroot" in unknown.stderr
+    no_image = run([shim, "exec", str(tmp_path / "missing.sif"), "true"])
+    assert no_image.returncode == 64 and "not found" in no_image.stderr
+    status = run([shim, "exec", str(placeholder_sif), "sh", "-c", "exit 75"])
+    assert status.returncode == 75  # the trainer's exit status comes through unchanged
+
+
+# ------------------------------------------------------------------------------------------ worker pre-flight (host)
+
+
+def worker(spec: str, *sets: str, **env: str) -> subprocess.CompletedProcess[str]:
+    env = {"NEUROMF_RUNTIME": str(CONTAINER / "host_runtime.sh"), **env}
+    return run([str(CONTAINER / "train_worker.sh"), spec, *sets], **env)
+
+
+def test_worker_preflight_fails_clearly(placeholder_sif: Path, tmp_path: Path) -> None:
+    demo = str(REPO / "runspecs" / "demo.yaml")
+    run_dir = f"paths.run_dir={tmp_path / 'run'}"
+    no_image = worker(demo, "--set", run_dir, NEUROMF_SIF=str(tmp_path / "none.sif"))
+    assert no_image.returncode == 2
+    assert re.search(r"PRE-FLIGHT FAILED: image \S+none.sif not found", no_image.stderr), no_image.stderr
+    no_runtime = worker(demo, NEUROMF_SIF=str(placeholder_sif), NEUROMF_RUNTIME="no-such-apptainer")
+    assert no_runtime.returncode == 2 and "container runtime 'no-such-apptainer' not found" in no_runtime.stderr
+    bad_spec = worker(demo, "--set", run_dir, "--set", "training.batch_size=0", NEUROMF_SIF=str(placeholder_sif))
+    assert bad_spec.returncode == 2 and "PRE-FLIGHT FAILED: training.batch_size" in bad_spec.stderr, bad_spec.stderr
+    missing_data = worker(demo, "--set", run_dir, "--set", "data.source=folder", "--set",
+                          f"data.latent_dir={tmp_path / 'no_latents'}", NEUROMF_SIF=str(placeholder_sif))
+    assert missing_data.returncode == 2, missing_data
+    assert re.search(r"PRE-FLIGHT FAILED: data.latent_dir: \S+no_latents is not a folder", missing_data.stderr)
+    no_disk = worker(demo, "--set", run_dir, NEUROMF_SIF=str(placeholder_sif), NEUROMF_MIN_FREE_GB="1000000000")
+    assert no_disk.returncode == 2 and re.search(r"PRE-FLIGHT FAILED: only \d+ GB free", no_disk.stderr), no_disk
+    assert "starting the trainer" not in no_disk.stdout
+
+
+# ------------------------------------------------------------------------------------------- launcher (--dry-run)
+
+
+def launcher(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return run([str(CONTAINER / "train.sh"), *args], NEUROMF_RUNTIME=str(CONTAINER / "host_runtime.sh"), **env)
+
+
+def test_launcher_dry_run_uses_the_seed_settings(placeholder_sif: Path, tmp_path: Path) -> None:
+    done = launcher("--sif", str(placeholder_sif), "--dry-run", "runspecs/demo.yaml",
+                    "--set", f"paths.run_dir={tmp_path / 'results' / 'run'}")
+    assert done.returncode == 0, done.stderr
+    assert "run-spec OK: demo" in done.stdout
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("dry run, would submit:"))
+    for option in ("--job-name=neuromf_p4_train", "--time=2-00:00:00", "--ntasks=1", "--cpus-per-task=16",
+                   "--mem=64G", "--constraint=dgx", "--gres=gpu:1", "--signal=B:USR1@600", "--requeue",
+                   "--open-mode=append", f"--output={tmp_path}/results/phase_4/logs/%x_%j.out"):
+        assert f" {option} " in line, option
+    assert line.endswith(f"container/train_worker.sh {REPO}/runspecs/demo.yaml --set paths.run_dir={tmp_path}/results/run")
+    assert (tmp_path / "results" / "phase_4" / "logs").is_dir() and (tmp_path / "results" / "run").is_dir()
+
+
+def test_launcher_overrides_and_multi_gpu_signal(placeholder_sif: Path, tmp_path: Path) -> None:
+    done = launcher("--sif", str(placeholder_sif), "--dry-run", "--time", "00:05:00", "--gres", "",
+                    "runspecs/demo.yaml", "--set", f"paths.run_dir={tmp_path / 'run'}",
+                    "--set", "hardware.gpus_per_node=2", "--", "--partition=debug",
+                    NEUROMF_CONSTRAINT="", NEUROMF_SIGNAL_LEAD="120")
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.splitlines()[-1]
+    assert " --time=00:05:00 " in line and " --signal=B:USR2@120 " in line and " --partition=debug " in line
+    assert "--constraint" not in line and "--gres" not in line
+
+
+def test_launcher_refuses_bad_input_before_sbatch(placeholder_sif: Path, tmp_path: Path) -> None:
+    bad = launcher("--sif", str(placeholder_sif), "--dry-run", "runspecs/demo.yaml", "--set", "model.bogus=1")
+    assert bad.returncode == 2 and "model.bogus" in bad.stderr and "nothing submitted" in bad.stderr
+    assert "would submit" not in bad.stdout
+    no_image = launcher("--sif", str(tmp_path / "none.sif"), "--dry-run", "runspecs/demo.yaml")
+    assert no_image.returncode == 2 and "build_sif.sh" in no_image.stderr
+    bad_signal = launcher("--sif", str(placeholder_sif), "--signal", "INT", "--dry-run", "runspecs/demo.yaml")
+    assert bad_signal.returncode == 2 and "--signal" in bad_signal.stderr
