@@ -64,6 +64,11 @@ class LatentStats:
         mean, std = self._view(x)
         return (x - mean) / std
 
+    def normalise_(self, x: torch.Tensor) -> torch.Tensor:
+        """normalise in place (same arithmetic, one pass less memory traffic); returns x."""
+        mean, std = self._view(x)
+        return x.sub_(mean).div_(std)
+
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
         """x * std + mean per channel: back to the latent scale the VAE expects (then divide by scale_factor)."""
         mean, std = self._view(x)
