@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _latent_data import SHAPE, make_latent, write_latents, write_stats_json
-from neuromf.data.loader import LatentData, TrainBatches, choose_residency, prepare_data
+from neuromf.data.loader import LatentData, TrainBatches, available_host_memory, choose_residency, prepare_data
 from neuromf.data.shard import read_shard_info
 from neuromf.data.split import split_names
 from neuromf.errors import UserError
@@ -187,11 +187,15 @@ def test_user_errors(tmp_path: Path, latents: dict[str, torch.Tensor]) -> None:
         prepare_data(make_spec(tmp_path, source="folder"), CPU, progress=False)
 
 
-def test_residency_choice() -> None:
+def test_residency_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert available_host_memory() > 1 << 28
     assert choose_residency("auto", 2 << 30, CPU) == "host"
     assert choose_residency("device", 2 << 30, CPU) == "host"  # the CPU's memory is the host's
     assert choose_residency("stream", 1, CPU) == "stream"
     assert choose_residency("auto", 1 << 50, CPU) == "stream"
+    assert capsys.readouterr().err == ""
+    assert choose_residency("host", 1 << 50, CPU) == "host"  # asked for: honoured, with a warning
+    assert "data.residency host: the data need" in capsys.readouterr().err
 
 
 def test_demo_source_builds_packs_and_loads(tmp_path: Path) -> None:

@@ -109,13 +109,17 @@ def choose_residency(requested: str, nbytes: int, device: torch.device) -> str:
     """'device', 'host' or 'stream'. On a CPU device 'device' means 'host'. 'auto': the first that fits."""
     if requested == "device" and device.type != "cuda":
         requested = "host"
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    host = available_host_memory()
     if requested != "auto":
+        room = {"device": free, "host": host}.get(requested)
+        if room is not None and nbytes > room:
+            warn(f"data.residency {requested}: the data need {nbytes / 2**30:.1f} GiB but only {room / 2**30:.1f} GiB "
+                 "are free there; consider 'auto' or 'stream'")
         return requested
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if nbytes <= DEVICE_FRACTION * free:
-            return "device"
-    return "host" if nbytes <= HOST_FRACTION * available_host_memory() else "stream"
+    if device.type == "cuda" and nbytes <= DEVICE_FRACTION * free:
+        return "device"
+    return "host" if nbytes <= HOST_FRACTION * host else "stream"
 
 
 # ---------------------------------------------------------------- rows of a split
@@ -293,6 +297,10 @@ class TrainBatches:
         self.close()
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self.flip_lr, self.flip_axis = bool(state["flip_lr"]), int(state["flip_axis"])
+
+    def __del__(self) -> None:
+        if getattr(self, "_prefetcher", None) is not None:
+            self._prefetcher._stop.set()  # let the daemon thread end; no join in a finaliser
 
     def close(self) -> None:
         """Stop the prefetch thread, if any (the data stay)."""

@@ -41,6 +41,7 @@ from neuromf.data.latents import (
     latent_name,
     list_latent_files,
     load_latent_bytes,
+    one_thread,
     scan_latents,
     source_fingerprint,
     stats_file_beside,
@@ -318,7 +319,7 @@ def pack_latents(
     tmp = _temp_name(out)
     content = _content_hash(n, shape, dtype)
     try:
-        with open_h5(tmp, "w") as f:
+        with one_thread(), open_h5(tmp, "w") as f:
             ds = f.create_dataset(
                 "latents", shape=(n, *shape), dtype=STORAGE[dtype][0], chunks=(1, *shape), track_times=False
             )
