@@ -112,21 +112,22 @@ try:
     s = load_runspec(a.spec, a.overrides)
 except UserError as e:
     sys.exit("\n".join(e.problems))
-print(s.paths.run_dir)
-print(s.paths.results_root or s.paths.run_dir.parent)
-print(s.paths.cache_dir or s.paths.run_dir / "cache" / "torchinductor")
-print(s.hardware.nodes * s.hardware.gpus_per_node)
+info = [s.paths.run_dir, s.paths.results_root or s.paths.run_dir.parent,
+        s.paths.cache_dir or s.paths.run_dir / "cache" / "torchinductor", s.hardware.nodes * s.hardware.gpus_per_node]
 for folder in [s.data.latent_dir, s.data.shard and s.data.shard.parent, s.data.stats_file and s.data.stats_file.parent,
                s.paths.vae_weights and s.paths.vae_weights.parent, s.model.init_from and s.model.init_from.parent]:
     if folder is not None and folder.is_dir():
-        print(folder)
+        info.append(folder)
+for item in info:
+    print("neuromf-info:", item)
 '
 spec_dir=$(dirname "$SPEC")
 if ! out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -c "$SPEC_PATHS_PY" "$SPEC" "${SETS[@]}" 2>&1); then
     mapfile -t problems <<<"$out"
     die "invalid run-spec $SPEC, nothing submitted:" "${problems[@]}"
 fi
-mapfile -t info <<<"$out"
+mapfile -t info < <(sed -n 's/^neuromf-info: //p' <<<"$out") # a runtime may print warnings around them
+[[ ${#info[@]} -ge 4 ]] || die "could not read the run-spec's paths through the image:" "$out"
 RUN_DIR=${info[0]}
 RESULTS=${RESULTS:-${info[1]}}
 CACHE_DIR=${info[2]}
@@ -156,7 +157,7 @@ args=(--parsable --export=ALL --job-name="$JOB_NAME" --ntasks=1 --requeue --open
 args+=("${EXTRA[@]}")
 
 # The worker reads these (sbatch --export=ALL hands them over; a requeued job gets them again).
-export NEUROMF_RUNTIME=$RUNTIME NEUROMF_SIF=$SIF NEUROMF_REPO=$REPO
+export NEUROMF_RUNTIME=$RUNTIME NEUROMF_SIF=$SIF
 [[ -n $RESUME ]] && export NEUROMF_RESUME=$RESUME
 cmd=(sbatch "${args[@]}" "$REPO/container/train_worker.sh" "$SPEC" "${SETS[@]}")
 if [[ $DRY_RUN == 1 ]]; then

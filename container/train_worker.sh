@@ -122,21 +122,22 @@ except UserError as e:
 run_dir = s.paths.run_dir
 cache = s.paths.cache_dir or run_dir / "cache" / "torchinductor"
 shard = s.data.shard or run_dir / "data" / "latents.h5"
-print(run_dir)
-print(cache)
-print(shard.parent)
-inputs = [Path(a.spec).resolve().parent, s.data.latent_dir, s.data.stats_file and s.data.stats_file.parent,
-          s.paths.vae_weights and s.paths.vae_weights.parent, s.model.init_from and s.model.init_from.parent]
-for folder in inputs:
+folders = [run_dir, cache, shard.parent]
+for folder in [Path(a.spec).resolve().parent, s.data.latent_dir, s.data.stats_file and s.data.stats_file.parent,
+               s.paths.vae_weights and s.paths.vae_weights.parent, s.model.init_from and s.model.init_from.parent]:
     if folder is not None and Path(folder).is_dir():
-        print(folder)
+        folders.append(folder)
+for folder in folders:
+    print("neuromf-path:", folder)
 '
 spec_dir=$(cd "$(dirname "$SPEC")" && pwd)
 if ! paths_out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -c "$SPEC_PATHS_PY" "$SPEC" "${SETS[@]}" 2>&1); then
     mapfile -t problems <<<"$paths_out"
     fail 2 "${problems[@]}"
 fi
-mapfile -t folders <<<"$paths_out"
+# Only the marked lines: a runtime may print its own warnings on the same streams.
+mapfile -t folders < <(sed -n 's/^neuromf-path: //p' <<<"$paths_out")
+[[ ${#folders[@]} -ge 3 ]] || fail 2 "could not read the paths of the run-spec through the image:" "$paths_out"
 RUN_DIR=${folders[0]}
 CACHE_DIR=${folders[1]}
 mkdir -p "$RUN_DIR" "$CACHE_DIR" "${folders[2]}" || fail 2 "cannot create the run folder $RUN_DIR or cache $CACHE_DIR"
