@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from neuromf.data.loader import prepare_data
-from neuromf.data.shard import pack_latents, read_shard
+from neuromf.data.shard import ShardReader, pack_latents, read_shard, read_shard_info
 from neuromf.spec import runspec_from_dict
 
 
@@ -87,6 +87,24 @@ def _time_batches(spec_raw: dict[str, Any], base: Path, device: torch.device, ba
     }
 
 
+def _time_fetch(shard: Path, batch_size: int, steps: int) -> dict[str, float]:
+    """Raw cost of gathering a batch, without normalising: from a tensor in RAM vs chunk reads from the shard."""
+    info = read_shard_info(shard)
+    reader = ShardReader(info)
+    whole, _ = read_shard(shard)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(info.n, generator=g)[:batch_size] for _ in range(steps)]
+    out = {}
+    for name, fetch in (("memory", lambda idx: whole[idx]), ("shard", lambda idx: reader.read(idx.tolist()))):
+        fetch(batches[0])
+        start = time.perf_counter()
+        for idx in batches:
+            fetch(idx)
+        out[f"{name}_ms"] = 1000 * (time.perf_counter() - start) / steps
+    reader.close()
+    return out
+
+
 def bench_data(
     workdir: Optional[Path] = None, n: int = 256, size: int = 48, batch_size: int = 24, steps: int = 60,
     device: str = "cpu", demo_size: int = 32, demo_volumes: int = 32,
@@ -111,6 +129,7 @@ def bench_data(
                                     "source_MB_per_s": nbytes / rep.seconds / 1e6, "shard_MB": rep.nbytes / 1e6}
         if dtype != "float32":
             (work / f"pack-{dtype}.h5").unlink()
+    results["fetch"] = _time_fetch(work / "pack-float32.h5", batch_size, steps)
     raw = {"model": {"spatial_size": [size] * 3}, "paths": {"run_dir": str(work / "run")},
            "data": {"source": "shard", "latent_dir": str(src), "shard": str(work / "pack-float32.h5")}}
     residencies = ["device", "host", "stream"] if dev.type == "cuda" else ["host", "stream"]
@@ -145,6 +164,11 @@ def format_markdown(r: dict[str, Any]) -> str:
         p = r[f"pack_{dtype}"]
         lines.append(f"| pack --dtype {dtype} ({p['shard_MB']:.0f} MB shard) | {p['seconds']:.2f} s | "
                      f"{p['latents_per_s']:.0f} latents/s, {p['source_MB_per_s']:.0f} MB/s of sources |")
+    f = r["fetch"]
+    lines.append(f"| gather a batch from a tensor in RAM (no normalise) | {f['memory_ms']:.1f} ms | "
+                 f"{r['batch_size'] * 1000 / f['memory_ms']:.0f} latents/s |")
+    lines.append(f"| read a batch's {r['batch_size']} chunks from the shard (no normalise, no prefetch) | "
+                 f"{f['shard_ms']:.1f} ms | {r['batch_size'] * 1000 / f['shard_ms']:.0f} latents/s |")
     for key in ("device", "host", "host_flip", "stream", "folder_stream"):
         if f"batches_{key}" in r:
             b = r[f"batches_{key}"]
