@@ -1,0 +1,268 @@
+"""Batches for training and validation: rows of a split wherever they live, a restorable shuffled order, flips.
+
+A split's samples come from a `Rows` source: one tensor in memory (GPU or RAM),
+chunk reads from the shard, or `.pt` files. `TrainBatches` draws fixed-shape,
+normalised batches in an order that is a pure function of (seed, epoch,
+position), so its whole state is a few integers. `ValBatches` walks the
+validation split in a fixed order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from neuromf.data.latents import read_latent
+from neuromf.data.shard import ShardInfo, ShardReader
+from neuromf.data.stats import LatentStats
+from neuromf.errors import UserError
+
+
+# ---------------------------------------------------------------- rows of a split
+
+
+class Rows(Protocol):
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Samples idx (int64, CPU) of the split: (len(idx), C, D, H, W), stored dtype, on the CPU or the device."""
+
+    def close(self) -> None: ...
+
+
+class MemoryRows:
+    """A whole split in one tensor (on the GPU or in RAM)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.data[idx.to(self.data.device, non_blocking=True)]  # on CPU ~6x faster than index_select
+
+    def close(self) -> None:
+        self.data = torch.empty(0)
+
+
+class ShardRows:
+    """Samples of a split read from the shard on demand; one HDF5 handle per thread."""
+
+    def __init__(self, info: ShardInfo, rows: np.ndarray) -> None:
+        self.info, self.rows = info, rows
+        self._local = threading.local()
+        self._readers: list[ShardReader] = []
+
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = ShardReader(self.info)
+            self._readers.append(reader)
+        return reader.read(self.rows[idx.numpy()])
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+
+class FolderRows:
+    """Samples of a split read from their .pt files on demand (source 'folder', residency 'stream')."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = list(files)
+
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([read_latent(self.files[i]).float() for i in idx.tolist()])
+
+    def close(self) -> None:
+        pass
+
+
+def load_whole(rows: Rows, n: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read a split once into one tensor on `device`, in blocks (no second full copy in RAM)."""
+    out = torch.empty((n, *shape), dtype=dtype, device=device)
+    block = 32
+    for start in range(0, n, block):
+        idx = torch.arange(start, min(n, start + block))
+        out[start : start + len(idx)].copy_(rows.fetch(idx).to(dtype))
+    return out
+
+
+# ---------------------------------------------------------------- order
+
+
+def _derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts: independent streams per (seed, epoch, ...), not consecutive seeds."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+@lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_derive_seed("perm", seed, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def names_digest(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+class TrainBatches:
+    """Shuffled training batches, drop_last, normalised, on the device, with an exactly restorable order.
+
+    Epoch e visits the training set in the permutation seeded by (seed, e). With
+    world_size > 1 every rank shares that permutation; global batch p of epoch e
+    is positions [p * B * W, (p + 1) * B * W) and rank r takes its r-th block of B.
+    Flips (flip_lr) are drawn from a generator seeded by (seed, epoch, position),
+    so they too follow from the state. `position` counts the batches already
+    delivered in `epoch`; the call after an epoch's last batch starts the next epoch.
+    """
+
+    def __init__(
+        self,
+        rows: Rows,
+        n: int,
+        batch_size: int,
+        stats: LatentStats,
+        device: torch.device,
+        *,
+        seed: int,
+        flip_lr: bool = False,
+        flip_axis: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        names_digest: str = "",
+        prefetch: int = 0,
+    ) -> None:
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size {batch_size} / rank {rank} / world_size {world_size}")
+        self.steps_per_epoch = n // (batch_size * world_size)
+        if self.steps_per_epoch < 1:
+            raise UserError(f"training.batch_size: the training split has {n} latents, fewer than one batch of "
+                            f"{batch_size} x {world_size} GPU(s)")
+        self.batch_size, self.n, self.rank, self.world_size = batch_size, n, rank, world_size
+        self.seed, self.flip_lr, self.flip_axis = seed, flip_lr, flip_axis
+        self.epoch, self.position = 0, 0
+        self._rows, self._stats, self._device = rows, stats.to(device), torch.device(device)
+        self.names_digest, self._prefetch_depth = names_digest, prefetch
+        self._prefetcher: Optional[_Prefetcher] = None
+
+    def _indices(self, epoch: int, position: int) -> torch.Tensor:
+        g = self.batch_size * self.world_size
+        start = position * g + self.rank * self.batch_size
+        return _permutation(self.seed, epoch, self.n)[start : start + self.batch_size]
+
+    def _plan(self, epoch: int, position: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        while True:
+            if position >= self.steps_per_epoch:
+                epoch, position = epoch + 1, 0
+            yield epoch, position, self._indices(epoch, position)
+            position += 1
+
+    def next_batch(self) -> torch.Tensor:
+        """The next (batch_size, C, D, H, W) float32 batch, normalised, flipped if asked, on the device."""
+        if self.position >= self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        epoch, position = self.epoch, self.position
+        if self._prefetch_depth > 0:
+            if self._prefetcher is None:
+                self._prefetcher = _Prefetcher(self._rows, self._plan(epoch, position), self._prefetch_depth)
+            got_epoch, got_position, x = self._prefetcher.get()
+            assert (got_epoch, got_position) == (epoch, position), "prefetch out of step"
+        else:
+            x = self._rows.fetch(self._indices(epoch, position))
+        self.position += 1
+        # x is a fresh tensor (gathered or read), so normalising in place is safe.
+        x = self._stats.normalise_(x.to(self._device, non_blocking=True).float())
+        if self.flip_lr:
+            g = torch.Generator().manual_seed(_derive_seed("flip", self.seed, epoch, position))
+            flips = torch.rand(self.batch_size * self.world_size, generator=g) < 0.5
+            mask = flips[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            mask = mask.to(self._device, non_blocking=True).view(-1, 1, 1, 1, 1)
+            x = torch.where(mask, x.flip(2 + self.flip_axis), x)
+        return x
+
+    def state_dict(self) -> dict:
+        """Small, plain state: restoring it makes the next batches exactly those that would have come."""
+        return {
+            "version": 1, "seed": self.seed, "epoch": self.epoch, "position": self.position, "n": self.n,
+            "batch_size": self.batch_size, "world_size": self.world_size, "names": self.names_digest,
+            "flip_lr": self.flip_lr, "flip_axis": self.flip_axis,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved order; UserError when it belongs to another training set or batching."""
+        for key in ("n", "names", "batch_size", "world_size"):
+            if state.get(key) != self.state_dict()[key]:
+                raise UserError(f"cannot resume the data order: {key} was {state.get(key)!r}, now {self.state_dict()[key]!r}")
+        self.close()
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self.flip_lr, self.flip_axis = bool(state["flip_lr"]), int(state["flip_axis"])
+
+    def __del__(self) -> None:
+        if getattr(self, "_prefetcher", None) is not None:
+            self._prefetcher._stop.set()  # let the daemon thread end; no join in a finaliser
+
+    def close(self) -> None:
+        """Stop the prefetch thread, if any (the data stay)."""
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+
+
+class _Prefetcher:
+    """Reads planned batches ahead in one background thread (stream residency), in order."""
+
+    def __init__(self, rows: Rows, plan: Iterator[tuple[int, int, torch.Tensor]], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(rows, plan), name="neuromf-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self, rows: Rows, plan: Iterator[tuple[int, int, torch.Tensor]]) -> None:
+        for epoch, position, idx in plan:
+            try:
+                item: object = (epoch, position, rows.fetch(idx))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def get(self) -> tuple[int, int, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class ValBatches:
+    """The validation split in a fixed order (sorted names), no shuffle, last batch partial; normalised."""
+
+    def __init__(self, rows: Rows, n: int, batch_size: int, stats: LatentStats, device: torch.device,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self._idx = torch.arange(n)[rank::world_size]
+        self.batch_size, self._rows, self._stats, self._device = batch_size, rows, stats.to(device), torch.device(device)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self._idx)
+
+    def __len__(self) -> int:
+        return -(-len(self._idx) // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self._idx), self.batch_size):
+            x = self._rows.fetch(self._idx[start : start + self.batch_size])
+            yield self._stats.normalise_(x.to(self._device, non_blocking=True).float())
