@@ -134,6 +134,15 @@ def test_empty_and_missing_folders(tmp_path: Path, capsys: pytest.CaptureFixture
     assert _leftovers(tmp_path) == []
 
 
+def test_unwritable_output_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_latents(tmp_path / "lat", 2)
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["pack", str(tmp_path / "lat"), str(tmp_path / "file" / "out.h5")]) == 2
+    assert "cannot create its folder" in capsys.readouterr().err
+    assert main(["pack", str(tmp_path / "lat"), str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 def test_bad_input_exits_2_in_a_real_process(tmp_path: Path) -> None:
     src = tmp_path / "latents"
     write_latents(src, 2)

@@ -314,7 +314,10 @@ def pack_latents(
     stats_warnings = check_stats_file(stats_file or stats_file_beside(src_dir), stats)
 
     n, shape = len(scan.good), scan.shape
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create its folder ({' '.join(str(e).split())})") from None
     _remove_stale_temps(out)
     tmp = _temp_name(out)
     content = _content_hash(n, shape, dtype)
@@ -359,8 +362,10 @@ def pack_latents(
             os.fsync(fh.fileno())
         os.replace(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # no space, no permission, ...: the user's to fix
+            raise UserError(f"{out}: cannot write the shard ({' '.join(str(e).split())[:160]})") from None
         raise
     info = read_shard_info(out)
     return PackReport(info, scan.bad, time.perf_counter() - start, out.stat().st_size, stats_warnings)
