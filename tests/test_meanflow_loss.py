@@ -16,8 +16,8 @@ from torch import nn
 from imf_tiny import tiny_net
 from neuromf.errors import UserError
 from neuromf.meanflow.loss import MeanFlowLoss
+from neuromf.meanflow.reference import naive_imf_loss  # noqa: F401  (the memory child imports it from here)
 from neuromf.meanflow.time_sampler import num_flow_matching
-from neuromf.model.unet import math_attention
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
 
 SHAPE = (4, 16, 16, 16)
@@ -35,36 +35,6 @@ def batch_and_draw(
     z0 = torch.randn((batch, *shape), generator=g).to(dtype)
     e, t, r = loss.draw(z0, g)
     return z0, e.to(dtype), t, r
-
-
-def naive_imf_loss(
-    net: nn.Module, z0: torch.Tensor, e: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
-    mf: MeanFlowSpec, prediction_type: str = "x",
-) -> dict[str, torch.Tensor]:
-    """Deliberately naive iMF loss: whole batch, graph-building torch.func.jvp, no slicing, no reuse."""
-    t, r = t.to(z0.dtype), r.to(z0.dtype)
-    col = lambda s: s.view(-1, 1, 1, 1, 1)  # noqa: E731
-    z_t = (1 - col(t)) * z0 + col(t) * e
-    h = t - r
-
-    def u_fn(z: torch.Tensor, tt: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
-        out = net(z, tt, hh)
-        return out if prediction_type == "u" else (z - out) / col(tt.clamp(min=mf.t_min))
-
-    with math_attention():
-        v_tilde = u_fn(z_t, t, torch.zeros_like(t))
-        u, dudt = torch.func.jvp(u_fn, (z_t, t, h), (v_tilde.detach(), torch.ones_like(t), torch.ones_like(t)))
-    compound = u + col(h) * dudt.detach()
-
-    def weighted(delta: torch.Tensor) -> torch.Tensor:
-        l = (delta.abs() ** mf.loss_norm).sum(dim=(1, 2, 3, 4))
-        return (l / (l.detach() + mf.norm_eps) ** mf.norm_p).mean()
-
-    loss_fm, loss_mf = weighted(v_tilde - (e - z0)), weighted(compound - (e - z0))
-    return {
-        "loss_total": loss_fm + mf.lambda_mf * loss_mf, "loss_fm": loss_fm, "loss_mf": loss_mf,
-        "mse_fm": ((v_tilde - (e - z0)) ** 2).mean(), "mse_mf": ((compound - (e - z0)) ** 2).mean(),
-    }
 
 
 def grads(net: nn.Module) -> list[torch.Tensor]:
