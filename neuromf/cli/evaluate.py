@@ -1,0 +1,55 @@
+"""`neuromf evaluate RUN_DIR|CKPT`: EMA vs online samples against held-out latents (FD, MMD, statistics, diversity).
+
+Writes <run>/evaluation/evaluation.json and latent_histograms.png (or --out
+DIR), prints a table, and with --json OUT also writes the JSON to OUT. See
+neuromf/evaluation/evaluate.py for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from neuromf.cli.sample import parse_nfe
+
+    parser.add_argument("target", metavar="RUN_DIR|CKPT", help="a run folder (uses best.pt, else latest.pt) or a checkpoint file")
+    parser.add_argument("--n", type=int, default=None,
+                        help="samples per weights and NFE, and reference latents (default: the whole validation split, at most 500)")
+    parser.add_argument("--nfe", type=parse_nfe, default=None, metavar="1,2,4", help="default: the run-spec's sampling.nfe")
+    parser.add_argument("--reference", choices=["val", "train"], default="val",
+                        help="compare with the held-out validation latents (default) or the training latents (more of them)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for EMA and online)")
+    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results JSON here")
+    parser.add_argument("--out", default=None, metavar="DIR", help="folder for evaluation.json and the histogram PNG "
+                        "(default: <run_dir>/evaluation)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: training.micro_batch_size")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neuromf.atomic import atomic_write_text
+    from neuromf.errors import UserError
+    from neuromf.evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_summary, resolve_device
+    from neuromf.evaluation.jsonio import to_json
+    from neuromf.evaluation.runs import load_for_eval
+
+    if args.n is not None and args.n < 2:
+        raise UserError(f"--n {args.n}: FD and MMD need at least 2 samples")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    resolve_device(args.device)
+    loaded = load_for_eval(Path(args.target))
+    options = EvalOptions(n=args.n, nfe=args.nfe, seed=args.seed, reference=args.reference, batch_size=args.batch_size,
+                          device=args.device, progress=not args.no_progress)
+    out_dir = Path(args.out) if args.out else loaded.run_dir / "evaluation"
+    summary = evaluate_checkpoint(loaded, options, out_dir)
+    if args.json_out:
+        atomic_write_text(Path(args.json_out), to_json(summary))
+    print(format_summary(summary))
+    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / summary['files']['histograms']}"
+          + (f" and {args.json_out}" if args.json_out else ""))
+    return 0
