@@ -298,3 +298,40 @@ def test_evaluate_uses_a_moved_run(tiny_run: Path, tmp_path: Path) -> None:
     loaded = load_for_eval(moved)
     assert loaded.path == moved / "checkpoints" / "best.pt" and loaded.spec.paths.run_dir == moved.resolve()
     assert find_checkpoint(moved / "checkpoints" / "latest.pt") == (moved / "checkpoints" / "latest.pt", moved)
+
+
+def test_sample_decodes_through_the_vae_of_the_run_spec(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run-spec with vae.decoder maisi: volumes are the VAE's decode of z / scale_factor (a tiny saved VAE)."""
+    from neuromf.model.vae import build_vae, decode_latents
+    from neuromf.spec.schema import VAESpec
+
+    vae_raw = {"decoder": "maisi", "num_channels": [8, 16], "num_res_blocks": [1, 1], "latent_channels": 4,
+               "norm_num_groups": 4, "scale_factor": 0.5}
+    torch.manual_seed(0)
+    weights = tmp_path / "vae.pt"
+    torch.save({"unet_state_dict": build_vae(VAESpec(**vae_raw)).state_dict()}, weights)
+    state = torch.load(tiny_run / "checkpoints" / "latest.pt", weights_only=True)
+    state["config"]["vae"] = vae_raw
+    state["config"]["paths"]["vae_weights"] = str(weights)
+    ckpt = tmp_path / "with_vae.pt"
+    torch.save(state, ckpt)
+
+    out = tmp_path / "decoded"
+    assert main(["sample", str(ckpt), "--n", "2", "--nfe", "1", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    z = torch.load(out / "ema_nfe1_latents.pt")
+    vol = nib.load(out / "ema_nfe1_sample_01.nii.gz").get_fdata(dtype=np.float32)
+    assert vol.shape == (32, 32, 32)  # two VAE levels: x2 per axis, one output channel
+    want = decode_latents(z[1:2], VAESpec(**vae_raw), weights, "cpu")[0, 0].numpy()
+    np.testing.assert_allclose(vol, want, rtol=1e-5, atol=1e-6)
+
+    state["config"]["paths"]["vae_weights"] = None
+    torch.save(state, ckpt)
+    assert main(["sample", str(ckpt), "--n", "1", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 2
+    assert "paths.vae_weights: not set" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "nonsense"])
+def test_an_unknown_device_is_a_clear_error(device: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["sample", str(tiny_run), "--n", "1", "--out", str(tmp_path / "o"), "--device", device]) == 2
+    assert f"--device {device}: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -81,7 +81,6 @@ def write_samples(
     stats = latent_stats_for(loaded).to("cpu")
     net = loaded.network(weights, device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     labels = {k: f"{weights}_nfe{k}" for k in nfes}
     paths = {k: sample_paths(out_dir, labels[k], n, save_volumes=save_volumes) for k in nfes}
     latents: dict[int, list[torch.Tensor]] = {k: [] for k in nfes}
@@ -91,8 +90,9 @@ def write_samples(
 
     decoding = spec.vae.decoder != "identity"
     vae_ctx = loaded_vae(spec.vae, spec.paths.vae_weights, device) if decoding else nullcontext(None)
-    bar = tqdm(total=n, unit="sample", desc=f"sampling {weights}", disable=not progress, file=sys.stderr)
-    with vae_ctx as vae:
+    with vae_ctx as vae:  # a missing or bad VAE fails here, before anything is written
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=n, unit="sample", desc=f"sampling {weights}", disable=not progress, file=sys.stderr)
         for start, by_nfe in generate_batches(spec, net, n, list(nfes), seed, bs, device):
             for k, z in by_nfe.items():
                 raw = stats.denormalise(z.float().cpu())
