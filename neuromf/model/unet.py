@@ -22,6 +22,9 @@ Choices (DESIGN.md section 2):
   `math_attention()` (the loss does).
 - attention blocks keep their output projection (MONAI's include_fc = True):
   that is the NV-Generate-MR layout and gives the reference ~178.6 M parameters.
+- activation checkpointing (`set_gradient_checkpointing`): each UNet block under
+  torch.utils.checkpoint while autograd records, i.e. in the gradient passes only; the
+  loss's no-grad JVP never checkpoints (inside a graph-building JVP it would fail).
 - dropout: MONAI's MAISI UNet only offers dropout on cross-attention layers
   (`dropout_cattn`), which an unconditional UNet does not have, so
   `model.dropout` must stay 0 (a non-zero value is refused here).
@@ -40,6 +43,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from monai.networks.blocks.selfattention import SABlock
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from neuromf.errors import UserError
 from neuromf.spec.schema import ModelSpec
@@ -51,6 +55,7 @@ __all__ = [
     "count_parameters",
     "math_attention",
     "perturb_zero_init",
+    "set_gradient_checkpointing",
     "timestep_embedding",
 ]
 
@@ -98,6 +103,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class MeanFlowUNet(nn.Module):
     """u/x network for MeanFlow: `forward(x, t, h)` with t, h float tensors (B,) in [0, 1]."""
 
+    # Activation checkpointing of each UNet block, only while autograd records (the gradient
+    # passes): the loss's JVP runs under no_grad, where checkpointing is off (inside a
+    # grad-enabled JVP it would raise CheckpointError). Set by set_gradient_checkpointing().
+    gradient_checkpointing: bool = False
+
     def __init__(self, unet: DiffusionModelUNetMaisi, time_scale: float = 1.0) -> None:
         super().__init__()
         if unet.num_class_embeds is not None or unet.include_spacing_input:
@@ -123,12 +133,42 @@ class MeanFlowUNet(nn.Module):
             )
         unet = self.unet
         emb = self.embedding(t, h, x.dtype)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return _checkpointed_body(unet, x, emb)
         # MONAI's forward minus its own time embedding (it has no slot for a second one).
         y = unet.conv_in(x)
         y, skips = unet._apply_down_blocks(y, emb, None, None)
         y = unet.middle_block(y, emb, None)
         y = unet._apply_up_blocks(y, emb, None, skips)
         return unet.out(y)
+
+
+def _checkpointed_body(unet: DiffusionModelUNetMaisi, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """MeanFlowUNet.forward's body with every down, middle and up block under non-reentrant checkpointing.
+
+    Same blocks in the same order as MONAI's _apply_down_blocks / _apply_up_blocks (without their
+    ControlNet residuals): only block inputs and outputs stay alive; the insides are recomputed
+    in backward.
+    """
+    y = unet.conv_in(x)
+    skips: list[torch.Tensor] = [y]
+    for block in unet.down_blocks:
+        y, res = checkpoint(block, hidden_states=y, temb=emb, context=None, use_reentrant=False)
+        skips.extend(res)
+    y = checkpoint(unet.middle_block, hidden_states=y, temb=emb, context=None, use_reentrant=False)
+    for block in unet.up_blocks:
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        y = checkpoint(block, hidden_states=y, res_hidden_states_list=res, temb=emb, context=None, use_reentrant=False)
+    return unet.out(y)
+
+
+def set_gradient_checkpointing(net: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing of the gradient passes on or off (training.gradient_checkpointing)."""
+    target = getattr(net, "module", net)  # a DDP wrapper holds the MeanFlowUNet as .module
+    if not isinstance(target, MeanFlowUNet):
+        raise TypeError(f"gradient checkpointing needs a MeanFlowUNet, got {type(target).__name__}")
+    target.gradient_checkpointing = bool(enabled)
 
 
 def zero_h_embedding(net: MeanFlowUNet) -> None:
