@@ -297,6 +297,8 @@ def test_evaluate_uses_a_moved_run(tiny_run: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_run, moved)
     loaded = load_for_eval(moved)
     assert loaded.path == moved / "checkpoints" / "best.pt" and loaded.spec.paths.run_dir == moved.resolve()
+    assert loaded.spec.data.shard == moved.resolve() / "latents.h5"  # data inside the run folder moved with it
+    assert loaded.spec.data.latent_dir == load_for_eval(tiny_run).spec.data.latent_dir  # data outside it did not
     assert find_checkpoint(moved / "checkpoints" / "latest.pt") == (moved / "checkpoints" / "latest.pt", moved)
 
 

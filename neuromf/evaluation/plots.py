@@ -11,7 +11,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

@@ -109,10 +109,22 @@ def load_for_eval(target: Path, map_location: str | torch.device = "cpu") -> Loa
         problems = [f"{path}: its run-spec does not validate with this version: {'.'.join(map(str, err['loc']))}: {err['msg']}"
                     for err in e.errors()]
         raise UserError(*problems) from None
-    spec.paths.run_dir = run_dir.resolve()  # the run may have been moved since it was trained
+    _follow_moved_run(spec, run_dir.resolve())
     loaded = LoadedCheckpoint(path=path, run_dir=run_dir, spec=spec, state=state)
     loaded.network("online")  # fail now, with the key list, if the weights do not fit the network
     return loaded
+
+
+def _follow_moved_run(spec: RunSpec, run_dir: Path) -> None:
+    """Point the spec at the run folder where it is now; data paths that were inside the old folder move with it."""
+    old = Path(spec.paths.run_dir)
+    spec.paths.run_dir = run_dir
+    if old == run_dir:
+        return
+    for key in ("shard", "latent_dir", "stats_file"):
+        value = getattr(spec.data, key)
+        if value is not None and Path(value).is_relative_to(old):
+            setattr(spec.data, key, run_dir / Path(value).relative_to(old))
 
 
 def _shape_problems(expected: dict[str, torch.Tensor], got: dict[str, Any]) -> list[str]:
