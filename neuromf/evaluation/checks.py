@@ -189,9 +189,9 @@ def _result(evaluation: dict[str, Any], weights: str) -> Optional[dict[str, Any]
     return rows[0] if rows else None
 
 
-def check_ema_better(evaluation: Optional[dict[str, Any]]) -> Check:
+def check_ema_better(evaluation: Optional[dict[str, Any]], why_missing: str = "not evaluated") -> Check:
     if not evaluation:
-        return Check("P4-T6", LOOK, "not evaluated (run `neuromf evaluate RUN_DIR`, or verify without --no-evaluate)", {})
+        return Check("P4-T6", LOOK, f"{why_missing}: run `neuromf evaluate RUN_DIR` (or verify without --no-evaluate)", {})
     ema, online = _result(evaluation, "ema"), _result(evaluation, "online")
     if ema is None or online is None or ema.get("fd") is None or online.get("fd") is None:
         return Check("P4-T6", LOOK, "the evaluation has no EMA/online FD pair", {})
@@ -208,9 +208,9 @@ def check_ema_better(evaluation: Optional[dict[str, Any]]) -> Check:
     return Check("P4-T6", PASS if better else FAIL, text, {"nfe": k, "n": n, "fd_ema": ema["fd"], "fd_online": online["fd"]})
 
 
-def check_statistics(evaluation: Optional[dict[str, Any]]) -> Check:
+def check_statistics(evaluation: Optional[dict[str, Any]], why_missing: str = "not evaluated") -> Check:
     if not evaluation:
-        return Check("P4-T7", LOOK, "not evaluated (run `neuromf evaluate RUN_DIR`)", {})
+        return Check("P4-T7", LOOK, f"{why_missing}: run `neuromf evaluate RUN_DIR`", {})
     ema, train = _result(evaluation, "ema"), evaluation.get("training_moments") or []
     if ema is None or not train:
         return Check("P4-T7", LOOK, "the evaluation has no generated or training statistics", {})

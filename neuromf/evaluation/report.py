@@ -138,7 +138,7 @@ def verify_run(
         latest = load_for_eval(run_dir)
     lambda_mf = latest.spec.meanflow.lambda_mf if latest else 1.0
     log_every = latest.spec.logging.log_every_n_steps if latest else 1
-    summary, how = _evaluation(run_dir, n, evaluation, device, progress) if latest else (None, "no checkpoint")
+    summary, how = _evaluation(run_dir, n, evaluation, device, progress) if latest else (None, "not evaluated (no checkpoint yet)")
 
     note = ""
     if latest is not None:
@@ -150,8 +150,8 @@ def verify_run(
         check_no_nan(records),
         check_grids(run_dir, "P4-T4", 50),
         check_grids(run_dir, "P4-T5", 200),
-        check_ema_better(summary),
-        check_statistics(summary),
+        check_ema_better(summary, how),
+        check_statistics(summary, how),
         check_resume(records, lambda_mf, log_every, note),
     ]
     curve = write_loss_curve(records, lambda_mf, run_dir / "loss_curve.png",
