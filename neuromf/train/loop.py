@@ -230,6 +230,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "rng": capture_rng_states({"loss": self.generator}),
             "data_state": self.batches.state_dict(),
+            "latent_stats": self.data.stats.state_dict(),  # so samples can be de-normalised without the data
         }
 
     def save_latest(self) -> Path:
@@ -309,7 +310,7 @@ class Trainer:
                     p.epoch = self.batches.epoch + 1  # epochs completed
                     p.history["train"].append({"epoch": p.epoch, **{k: v / max(epoch_n, 1) for k, v in epoch_sums.items()}})
                     epoch_sums, epoch_n = {}, 0
-                    self._end_of_epoch(final=p.global_step >= self.total_steps)
+                    self._end_of_epoch(p.epoch, final=p.global_step >= self.total_steps)
                 elif p.global_step % spec.checkpoint.latest_every_n_steps == 0 and applied:
                     self.save_latest()
                 if stop.requested:
@@ -317,30 +318,29 @@ class Trainer:
                     self.log.event(p.global_step, f"{stop.requested}: saved {path} at step {p.global_step}; exiting with {stop.exit_code}")
                     self.log.close()
                     return stop.exit_code
-            if not epoch_done:  # max_steps ended inside an epoch: still validate, sample and save
-                self._end_of_epoch(final=True)
+            if not epoch_done:  # max_steps ended inside epoch p.epoch + 1: validate, sample and save it as that
+                self._end_of_epoch(p.epoch + 1, final=True)
         self.log.say(f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}")
         self.log.close()
         return 0
 
-    def _end_of_epoch(self, final: bool) -> None:
-        """Epoch p.epoch - 1 just finished: validation, checkpoints and samples as the run-spec asks."""
-        spec, p = self.spec, self.progress
-        done = p.epoch  # epochs completed
-        if final or done % spec.logging.val_every_n_epochs == 0:
-            self._validate()
-        if final or done % spec.checkpoint.save_every_n_epochs == 0:
-            self.checkpoints.save_epoch(self.checkpoint_state(), done)
-        if final or done % spec.sampling.every_n_epochs == 0:
-            self._samples(done)
+    def _end_of_epoch(self, epoch: int, final: bool) -> None:
+        """Epoch `epoch` (counted from 1) just ended: validation, checkpoints and samples as the run-spec asks."""
+        spec = self.spec
+        if final or epoch % spec.logging.val_every_n_epochs == 0:
+            self._validate(epoch)
+        if final or epoch % spec.checkpoint.save_every_n_epochs == 0:
+            self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
+        if final or epoch % spec.sampling.every_n_epochs == 0:
+            self._samples(epoch)
         self.save_latest()
 
-    def _validate(self) -> None:
+    def _validate(self, epoch: int) -> None:
         p = self.progress
         if self.val_batches is None:
             return
         self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
-        record: dict[str, Any] = {"step": p.global_step, "epoch": p.epoch}
+        record: dict[str, Any] = {"step": p.global_step, "epoch": epoch}
         for label, net in (("val", self.ema_net), ("val_online", self.net)):
             losses = validation_losses(self.loss, net, self.val_batches, self.spec, self.device, self.dtype)
             record.update({f"{label}/{k}": v for k, v in losses.items() if k in {"loss_total", "loss_fm", "loss_mf", "mse_fm", "mse_mf", "mse_total"}})
@@ -349,7 +349,7 @@ class Trainer:
         if record["val/mse_total"] < p.best_val:
             p.best_val = record["val/mse_total"]
             self.checkpoints.save_best(self.checkpoint_state())
-        self.log.say(f"epoch {p.epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}")
+        self.log.say(f"epoch {epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}")
 
     def _samples(self, epoch: int) -> None:
         from neuromf.train.periodic import write_periodic_samples
