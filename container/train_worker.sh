@@ -48,12 +48,15 @@ fail() {
 # shellcheck disable=SC2317  # called by the traps below
 on_signal() {
     # The batch shell gets the signal (--signal=B:...); the trainer runs in the background, so forward it there.
-    SIGNAL_SEEN=$1
-    if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
+    if [[ -z $child ]]; then
+        SIGNAL_SEEN=$1
+        log "received SIG$1 before the trainer started"
+    elif kill -0 "$child" 2>/dev/null; then
+        SIGNAL_SEEN=$1
         log "received SIG$1: forwarding to the trainer (pid $child) so it saves a checkpoint and exits"
         kill -s "$1" "$child" 2>/dev/null || true
-    else
-        log "received SIG$1 before the trainer started"
+    else # e.g. the SIGTERM with which SLURM ends this run of a job that `scontrol requeue` just requeued
+        log "received SIG$1 after the trainer exited"
     fi
 }
 trap 'on_signal USR1' USR1

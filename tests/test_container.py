@@ -8,12 +8,15 @@ the host runtime shim, the worker's pre-flight failures and the launcher's sbatc
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -315,3 +318,37 @@ def test_launcher_refuses_bad_input_before_sbatch(placeholder_sif: Path, tmp_pat
     assert no_image.returncode == 2 and "build_sif.sh" in no_image.stderr
     bad_signal = launcher("--sif", str(placeholder_sif), "--signal", "INT", "--dry-run", "runspecs/demo.yaml")
     assert bad_signal.returncode == 2 and "--signal" in bad_signal.stderr
+
+
+@pytest.mark.slow  # ~15 s on an idle 2-core CPU, twice that when it is shared
+@pytest.mark.skipif(importlib.util.find_spec("neuromf.cli.train") is None, reason="`neuromf train` does not exist yet")
+def test_worker_forwards_the_signal_and_reports_a_stop_outside_slurm(placeholder_sif: Path, tmp_path: Path) -> None:
+    """Without SLURM: SIGUSR1 to the worker reaches the backgrounded trainer, which saves and exits 75."""
+    run_dir = tmp_path / "run"
+    sets = ["hardware.num_threads=1", "model.spatial_size=[16,16,16]", "data.demo.size=16", "data.demo.n_volumes=16",
+            "training.batch_size=2", "training.max_steps=1000", "logging.progress=plain", "logging.log_every_n_steps=1",
+            f"paths.run_dir={run_dir}"]
+    env = host_env(NEUROMF_RUNTIME=str(CONTAINER / "host_runtime.sh"), NEUROMF_SIF=str(placeholder_sif),
+                   NEUROMF_MIN_FREE_GB="1")
+    out, err = tmp_path / "worker.out", tmp_path / "worker.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([str(CONTAINER / "train_worker.sh"), str(REPO / "runspecs" / "demo.yaml"),
+                                 *[a for s in sets for a in ("--set", s)]], stdout=o, stderr=e, cwd=REPO, env=env)
+    try:
+        log = run_dir / "training_log.jsonl"
+        deadline = time.monotonic() + 120
+        # The first logged step means the trainer's handlers are in place (they are set before the loop starts).
+        while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the worker ended early:\n{out.read_text()}\n{err.read_text()[-2000:]}"
+        proc.send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    story = f"{out.read_text()}\n{err.read_text()[-2000:]}"
+    assert code == 75, story
+    assert "received SIGUSR1: forwarding to the trainer" in story
+    assert "trainer saved a checkpoint and exited 75 after SIGUSR1" in story
+    assert "not running under SLURM: run the same command again to resume" in story
+    assert (run_dir / "checkpoints" / "latest.pt").is_file()
