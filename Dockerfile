@@ -51,10 +51,11 @@ RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
     && neuromf --help >/dev/null
 
-# Run-specs, tests and the container scripts, so `docker run IMAGE pytest` and the shipped run-specs work.
+# Run-specs, tests, the container scripts and recipes, so `docker run IMAGE pytest` and the shipped run-specs work.
 COPY runspecs/ runspecs/
 COPY tests/ tests/
 COPY container/ container/
+COPY Dockerfile apptainer.def .dockerignore ./
 RUN chmod 0755 container/*.sh
 
 ENTRYPOINT ["/opt/neuromf/container/entrypoint.sh"]
