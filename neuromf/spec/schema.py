@@ -52,9 +52,24 @@ class ModelSpec(Section):
         description="t and h are multiplied by this before the sinusoidal embedding. 1.0 (raw t in [0, 1]) as the "
         "official MeanFlow code; 1000 matches the pretrained NV-Generate-MR UNet (required with init_from).",
     )
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Must stay 0: MONAI's MAISI UNet has dropout only on cross-attention layers, "
+        "which this unconditional network does not have.",
+    )
     init_from: Optional[Path] = Field(
         None, description="Warm start: NV-Generate-MR rectified-flow UNet checkpoint (diff_unet_3d_rflow-mr.pt)."
+    )
+    init_class_label: int = Field(
+        9,
+        ge=0,
+        description="Warm start: the NV-Generate-MR modality class folded into the time embedding "
+        "(NVIDIA's modality_mapping.json: 9 = mri_t1, 29 = mri_t1_skull_stripped).",
+    )
+    init_spacing_mm: tuple[float, float, float] = Field(
+        (1.0, 1.0, 1.0), description="Warm start: voxel spacing (mm) of the decoded volumes, folded into biases."
     )
 
     @property
