@@ -148,7 +148,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> None:
         from neuromf.data.loader import prepare_data
         from neuromf.meanflow.loss import MeanFlowLoss
-        from neuromf.model.unet import build_network
+        from neuromf.model.unet import build_network, set_gradient_checkpointing
 
         self.spec, self.dry_run = spec, dry_run
         self.device = pick_device(spec)
@@ -167,6 +167,7 @@ class Trainer:
             from neuromf.model.warm_start import load_pretrained_backbone
 
             load_pretrained_backbone(self.net, spec.model.init_from)
+        set_gradient_checkpointing(self.net, spec.training.gradient_checkpointing)  # gradient passes only, never the JVP
         # NaN/Inf batches become skipped steps here (the loss's own check would stop the run).
         self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
         self.compute: ComputeFn = self.loss.compute
