@@ -1,0 +1,86 @@
+"""`neuromf bench SPEC`: time training steps and report speed, memory, FLOPs, MFU and data wait.
+
+Without --compare it runs the step `neuromf train` would run (compiled when
+training.compile). With --compare it runs, on the same network and inputs: the
+naive reference, our step eager and compiled, and the flow-matching floor eager
+and compiled; then prints the ratios and the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from neuromf.cli import add_spec_arguments
+
+    add_spec_arguments(parser)
+    parser.add_argument("--steps", type=int, default=10, metavar="N", help="timed optimizer steps per variant (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, metavar="W",
+                        help="untimed steps after the first (which includes compilation) (default 2)")
+    parser.add_argument("--batch", type=int, default=None, metavar="B", help="latents per optimizer step (default training.batch_size)")
+    parser.add_argument("--micro-batch", type=int, default=None, metavar="M",
+                        help="latents per micro-batch; B/M micro-batches accumulate into one step (default: B, or the spec's)")
+    parser.add_argument("--compare", action="store_true",
+                        help="run naive, eager, compiled, fm, fm_compiled on the same inputs and print ratios")
+    parser.add_argument("--variants", default=None, metavar="V1,V2",
+                        help="comma-separated subset of naive,eager,compiled,fm,fm_compiled (overrides --compare)")
+    parser.add_argument("--data", choices=["spec", "synthetic"], default="spec",
+                        help="spec: the run-spec's data through the trainer's loader (default); "
+                        "synthetic: random latents already on the device (no data needed)")
+    parser.add_argument("--channels-last", action="store_true", help="network and batches in channels_last_3d memory format")
+    parser.add_argument("--peak-tflops", type=float, default=None, metavar="T",
+                        help="the device's peak TFLOP/s for MFU (default: the built-in A100/H100/H200 table)")
+    parser.add_argument("--epoch-latents", type=int, default=None, metavar="N",
+                        help="training latents per epoch for the run-time projection (default: the train split; synthetic: 1080)")
+    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write every number to this JSON file")
+
+
+def _batch_overrides(args: argparse.Namespace) -> list[str]:
+    """--batch/--micro-batch as run-spec overrides, so the spec's own validation checks them."""
+    from neuromf.errors import UserError
+    from neuromf.spec import load_runspec
+
+    if args.batch is None and args.micro_batch is None:
+        return []
+    spec = load_runspec(args.spec, args.overrides)
+    batch = args.batch if args.batch is not None else spec.training.batch_size
+    micro = args.micro_batch if args.micro_batch is not None else (batch if args.batch is not None else spec.training.micro_batch_size)
+    if batch < 1 or micro < 1 or batch % micro:
+        raise UserError(f"--micro-batch: {micro} must be >= 1 and divide --batch {batch}")
+    return [f"training.batch_size={batch}", f"training.accumulate_grad_batches={batch // micro}"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neuromf.bench import VARIANTS, BenchOptions, bench, default_variants, format_table, write_json
+    from neuromf.errors import UserError
+    from neuromf.spec import load_runspec
+
+    spec = load_runspec(args.spec, [*args.overrides, *_batch_overrides(args)])
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    else:
+        variants = default_variants(spec, args.compare)
+
+    def progress(name: str, res: dict) -> None:
+        what = res["error"] or f"median step {res['step_s']['median']:.3f} s"
+        print(f"  {name}: {what}", flush=True)
+
+    print(f"benchmarking {', '.join(variants)} ({args.steps} timed steps each)", flush=True)
+    options = BenchOptions(
+        steps=args.steps, warmup=args.warmup, variants=variants, data=args.data, channels_last=args.channels_last,
+        peak_tflops=args.peak_tflops, epoch_latents=args.epoch_latents, on_variant=progress,
+    )
+    out = bench(spec, options)
+    print()
+    print(format_table(out))
+    if args.json_out:
+        write_json(Path(args.json_out), out)
+        print(f"wrote {args.json_out}")
+    failed = [n for n, v in out["variants"].items() if v["error"] and v["error"] != "out of memory"]
+    return 1 if failed else 0
