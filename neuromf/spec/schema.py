@@ -148,7 +148,8 @@ class TrainingSpec(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
     max_epochs: int = Field(500, ge=1)
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(24, ge=1, description="Latents per optimizer step (all micro-batches together).")
+    batch_size: int = Field(24, ge=1, description="Latents per optimizer step, all micro-batches of all GPUs together "
+                            "(the global batch; each GPU gets batch_size / GPUs).")
     accumulate_grad_batches: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="Network autocast dtype. fp16 is not offered: it gives NaN.")
     grad_clip: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm (None: no clipping).")
@@ -250,9 +251,13 @@ class DataSpec(Section):
 
 class HardwareSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, description="Nodes of a multi-GPU run (one process per GPU, launched by srun or torchrun).")
+    gpus_per_node: int = Field(1, ge=1, description="GPUs (= processes) per node; training.batch_size stays the global batch.")
     num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
+    collective_timeout_s: int = Field(
+        1800, ge=10, description="Multi-process runs: how long a rank waits for the others in a collective "
+        "(gradient all-reduce, barrier) before failing with an error instead of hanging."
+    )
 
 
 class PathsSpec(Section):
@@ -357,4 +362,10 @@ class RunSpec(Section):
             raise ValueError("model.in_channels: the demo data has 4 channels")
         if self.training.micro_batch_size < 1:
             raise ValueError("training.batch_size: must be >= accumulate_grad_batches")
+        gpus = self.hardware.nodes * self.hardware.gpus_per_node
+        if self.training.batch_size % (gpus * self.training.accumulate_grad_batches):
+            raise ValueError(
+                f"training.batch_size: {self.training.batch_size} (the global batch) is not divisible by "
+                f"{gpus} GPU(s) x accumulate_grad_batches {self.training.accumulate_grad_batches}"
+            )
         return self
