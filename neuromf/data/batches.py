@@ -193,10 +193,21 @@ class TrainBatches:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved order; UserError when it belongs to another training set or batching."""
-        for key in ("n", "names", "batch_size", "world_size"):
+        """Continue from a saved order; UserError when it belongs to another training set or global batch.
+
+        The order is defined over GLOBAL batches (position p = global batch p), so a run saved by W processes
+        of batch B continues in W' processes of B' whenever B * W == B' * W'.
+        """
+        for key in ("n", "names"):
             if state.get(key) != self.state_dict()[key]:
                 raise UserError(f"cannot resume the data order: {key} was {state.get(key)!r}, now {self.state_dict()[key]!r}")
+        saved = int(state.get("batch_size", 0)) * int(state.get("world_size", 1))
+        if saved != self.batch_size * self.world_size:
+            raise UserError(
+                f"cannot resume the data order: training.batch_size was {saved}, now {self.batch_size * self.world_size} "
+                f"(the global batch: {state.get('batch_size')} x {state.get('world_size', 1)} process(es) then, "
+                f"{self.batch_size} x {self.world_size} now)"
+            )
         self.close()
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self.flip_lr, self.flip_axis = bool(state["flip_lr"]), int(state["flip_axis"])
@@ -263,6 +274,13 @@ class ValBatches:
         return -(-len(self._idx) // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self._idx), self.batch_size):
-            x = self._rows.fetch(self._idx[start : start + self.batch_size])
-            yield self._stats.normalise_(x.to(self._device, non_blocking=True).float())
+        for _, x in self.numbered():
+            yield x
+
+    def numbered(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+        """(j, batch j) for the batches j = rank, rank + world_size, ...: DDP validation shards whole batches,
+        so batch j (and randomness tied to j) is the same whatever the number of processes."""
+        for j, start in enumerate(range(0, len(self._idx), self.batch_size)):
+            if j % world_size == rank:
+                x = self._rows.fetch(self._idx[start : start + self.batch_size])
+                yield j, self._stats.normalise_(x.to(self._device, non_blocking=True).float())
