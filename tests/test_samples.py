@@ -8,6 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+from neuromf import atomic
 import torch
 from PIL import Image
 
@@ -105,7 +107,7 @@ def test_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def failing_fsync(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(samples.os, "fsync", failing_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         write_sample_set(tmp_path, torch.zeros(1, 4, 6, 6, 6), latents, label="ema_nfe1")
     monkeypatch.undo()

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from neuromf import __version__
+from neuromf.atomic import fsync_dir
 from neuromf.data.latents import (
     LatentFileError,
     FolderScan,
@@ -262,19 +263,6 @@ def _remove_stale_temps(out: Path, max_age_s: float = 3600.0) -> None:
             pass
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def pack_latents(
     src_dir: Path,
     out: Path,
@@ -361,7 +349,7 @@ def pack_latents(
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # no space, no permission, ...: the user's to fix

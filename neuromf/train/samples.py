@@ -24,7 +24,6 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import os
 import re
 from pathlib import Path
 from typing import Literal, Optional
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from neuromf.atomic import atomic_write_bytes
 
 SLICE_NAMES = ("sagittal", "coronal", "axial")
 # Small volumes (the 24^3 demo) are enlarged so a panel is at least this many pixels.
@@ -59,34 +60,6 @@ def sample_paths(out_dir: Path, label: str, n_samples: int, *, save_volumes: boo
         for i in range(n_samples):
             paths[f"sample_{i:0{width}d}"] = out_dir / f"{label}_sample_{i:0{width}d}.nii.gz"
     return paths
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all (temporary name in the same folder, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames themselves durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def mid_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -196,16 +169,15 @@ def write_sample_set(
     buffer = io.BytesIO()
     # clone(): torch.save of a view would store the whole underlying storage.
     torch.save(latents.detach().to(device="cpu", dtype=torch.float32).contiguous().clone(), buffer)
-    _write_atomic(paths["latents"], buffer.getvalue())
+    atomic_write_bytes(paths["latents"], buffer.getvalue())
 
     buffer = io.BytesIO()
     volume_grid(volumes).save(buffer, format="PNG")
-    _write_atomic(paths["grid"], buffer.getvalue())
+    atomic_write_bytes(paths["grid"], buffer.getvalue())
 
     if save_volumes:
         data = volumes.detach().to(device="cpu", dtype=torch.float32).numpy()
         sample_keys = [k for k in paths if k.startswith("sample_")]
         for i, key in enumerate(sample_keys):
-            _write_atomic(paths[key], _nifti_bytes(data[i], matrix))
-    _fsync_dir(out_dir)
+            atomic_write_bytes(paths[key], _nifti_bytes(data[i], matrix))
     return paths
