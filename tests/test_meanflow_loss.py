@@ -161,7 +161,7 @@ class _SpyLoss(MeanFlowLoss):
 def test_r_equals_t_rows_skip_the_jvp_and_mf_equals_fm() -> None:
     net = tiny_net()
     g = torch.Generator().manual_seed(5)
-    z0 = torch.randn((6, *SHAPE), generator=g)
+    z0 = torch.randn((6, *SMALL), generator=g)
     # every row r = t: the JVP never runs and the two terms are the same number
     spy = _SpyLoss(MeanFlowSpec(), TimeSamplingSpec(data_proportion=1.0))
     out = spy(net, z0, g)
@@ -169,7 +169,7 @@ def test_r_equals_t_rows_skip_the_jvp_and_mf_equals_fm() -> None:
     assert torch.equal(out["loss_mf"], out["loss_fm"]) and torch.equal(out["mse_mf"], out["mse_fm"])
     # default block (first 1 of 6 rows r = t): the JVP sees exactly the 5 other rows, all with h > 0
     spy = _SpyLoss(MeanFlowSpec(), TimeSamplingSpec(data_proportion=0.25))
-    z0_, e, t, r = batch_and_draw(spy, 6)
+    z0_, e, t, r = batch_and_draw(spy, 6, shape=SMALL)
     spy.compute(net, z0_, e, t, r)
     (z, tj, hj), = spy.jvp_inputs
     assert z.shape[0] == 5 and torch.equal(tj, t[1:]) and bool((hj > 0).all())
@@ -197,7 +197,7 @@ class _Recorder(nn.Module):
 def test_jvp_on_bare_module_gradient_passes_on_grad_net() -> None:
     net = tiny_net()
     loss = make_loss()
-    z0, e, t, r = batch_and_draw(loss, 8)
+    z0, e, t, r = batch_and_draw(loss, 8, shape=SMALL)
     wrapper = _Recorder(net)
     loss.compute(net, z0, e, t, r, grad_net=wrapper)["loss_total"].backward()
     assert wrapper.calls == [(8, True), (6, False)]  # pass 1 (h = 0, all rows), pass 2 (r != t rows)
@@ -211,7 +211,7 @@ def test_jvp_on_bare_module_gradient_passes_on_grad_net() -> None:
 def test_outputs_fp32_scalars_reproducible_from_generator() -> None:
     net = tiny_net()
     loss = make_loss()
-    z0 = torch.randn((4, *SHAPE))
+    z0 = torch.randn((4, *SMALL))
     a = loss(net, z0, torch.Generator().manual_seed(11))
     b = loss(net, z0, torch.Generator().manual_seed(11))
     c = loss(net, z0, torch.Generator().manual_seed(12))
@@ -228,7 +228,7 @@ def test_outputs_fp32_scalars_reproducible_from_generator() -> None:
 def test_finite_with_bf16_autocast_and_close_to_fp32() -> None:
     net = tiny_net()
     loss = make_loss()
-    z0, e, t, r = batch_and_draw(loss, 4)
+    z0, e, t, r = batch_and_draw(loss, 4, shape=SMALL)
     bf = loss.compute(net, z0, e, t, r, autocast_dtype=torch.bfloat16)
     bf["loss_total"].backward()
     assert all(v.dtype == torch.float32 and bool(torch.isfinite(v)) for v in bf.values())
@@ -243,7 +243,7 @@ def test_finite_with_bf16_autocast_and_close_to_fp32() -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_is_a_named_error(bad: float) -> None:
     net = tiny_net()
-    z0 = torch.randn((3, *SHAPE))
+    z0 = torch.randn((3, *SMALL))
     z0[1, 0, 2, 3, 4] = bad
     with pytest.raises(UserError, match=r"z0 \(the batch of latents\).*(NaN|Inf).*rows \[1\]"):
         make_loss()(net, z0, torch.Generator().manual_seed(0))
@@ -253,9 +253,10 @@ def test_non_finite_input_is_a_named_error(bad: float) -> None:
 def test_torch_compile_of_the_loss_step_matches_eager(tmp_path: Path) -> None:
     """torch.compile of the whole step (including torch.func.jvp) works on CPU and matches eager."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    net = tiny_net()
+    # two levels (GroupNorm, ResBlocks, resblock up/down sampling, attention) keep the cold compile short
+    net = tiny_net(channels=[8, 16], attention_levels=[False, True], num_head_channels=[0, 16], spatial_size=(8, 8, 8))
     loss = MeanFlowLoss(MeanFlowSpec(), TimeSamplingSpec(), "x", check_finite=False)
-    z0, e, t, r = batch_and_draw(loss, 4)
+    z0, e, t, r = batch_and_draw(loss, 4, shape=SMALL)
 
     def step(z0: torch.Tensor, e: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> dict[str, torch.Tensor]:
         out = loss.compute(net, z0, e, t, r)
