@@ -6,8 +6,24 @@
               log | epoch end: validation, periodic checkpoint, samples | stop signal: save, exit 75
          -> final validation, samples, checkpoint
 
-Everything random is drawn from generators whose state is checkpointed, so a
-run that is killed and resumed ends with the same weights as one that was not.
+Randomness: the noise and times (e, t, r) of micro-batch chunk c of optimizer
+step s come from a generator seeded by (training.seed, s, c), and the data
+order is a function of (seed, epoch, position). So a run that is killed and
+resumed ends with the same weights as one that was not, without any generator
+state.
+
+Several processes (torchrun or srun; neuromf/train/distributed.py): the global
+batch (training.batch_size) is split into world_size blocks, rank r trains on
+block r, cut into accumulate_grad_batches micro-batches; chunk
+c = r * accumulate + micro. One process with accumulate 2 and two with
+accumulate 1 thus see the same chunks with the same noise, and their gradients
+agree. The gradient passes run through DDP (gradients all-reduced after the
+last micro-batch, no_sync before), the no-grad JVP on the bare module (a JVP
+through the DDP wrapper would bypass its gradient sync: DESIGN.md). Every rank
+keeps the EMA (the weights are identical everywhere, so validation of the EMA
+needs no broadcast); validation is sharded by batches and all-reduced; logging,
+checkpoints and samples are rank 0's; a stop signal on any rank stops all after
+the same step.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,13 +42,14 @@ import torch
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, capture_rng_states, load_checkpoint, restore_rng_states
+from neuromf.train.distributed import is_collective_error, setup_distributed
 from neuromf.train.ema import EMA
 from neuromf.train.run_log import RunLog
 from neuromf.train.schedule import build_optimizer, build_scheduler
-from neuromf.train.signals import StopRequest
+from neuromf.train.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
+from neuromf.train.step import ComputeFn, chunk_generator, train_step, validation_losses
 
-# loss.compute(net, z0, e, t, r, autocast_dtype=...): the pure part of the loss, eager or compiled
-ComputeFn = Callable[..., dict[str, torch.Tensor]]
+__all__ = ["Trainer", "TrainingDiverged", "chunk_generator", "train", "train_step", "validation_losses"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,57 +104,13 @@ def total_steps(spec: RunSpec, steps_per_epoch: int) -> int:
     return spec.training.max_steps or steps_per_epoch * spec.training.max_epochs
 
 
-# ---------------------------------------------------------------- one optimizer step
+class _SilentLog:
+    """The run log of ranks other than 0: they log nothing (rank 0 reports for all)."""
 
+    use_bar = False
 
-def train_step(
-    loss: Any,
-    compute: ComputeFn,
-    net: torch.nn.Module,
-    batch: torch.Tensor,
-    generator: torch.Generator,
-    optimizer: torch.optim.Optimizer,
-    spec: RunSpec,
-    dtype: Optional[torch.dtype],
-) -> tuple[bool, dict[str, torch.Tensor]]:
-    """Micro-batches -> gradients -> (if all finite) clip and step. Returns (applied, metrics)."""
-    accumulate = spec.training.accumulate_grad_batches
-    optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, torch.Tensor] = {}
-    for micro in batch.chunk(accumulate):
-        e, t, r = loss.draw(micro, generator)  # randomness outside the compiled part
-        out = compute(net, micro, e, t, r, autocast_dtype=dtype)
-        (out["loss_total"] / accumulate).backward()
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() / accumulate
-    params = [p for p in net.parameters() if p.grad is not None]
-    clip = spec.training.grad_clip if spec.training.grad_clip is not None else math.inf
-    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip)  # the norm before clipping
-    finite = bool(torch.isfinite(sums["loss_total"]) & torch.isfinite(sums["grad_norm"]))  # one sync per step
-    if finite:
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return finite, sums
-
-
-@torch.no_grad()
-def validation_losses(
-    loss: Any, net: torch.nn.Module, batches: Any, spec: RunSpec, device: torch.device, dtype: Optional[torch.dtype]
-) -> dict[str, float]:
-    """Mean loss terms over the val split with a fixed generator, so numbers of different epochs compare."""
-    generator = torch.Generator(device).manual_seed(spec.training.seed + 1)
-    sums: dict[str, float] = {}
-    n = 0
-    for batch in batches:
-        out = loss(net, batch, generator, autocast_dtype=dtype)
-        size = batch.shape[0]
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * size
-        n += size
-    means = {k: v / max(n, 1) for k, v in sums.items()}
-    means["mse_total"] = means.get("mse_fm", math.nan) + spec.meanflow.lambda_mf * means.get("mse_mf", math.nan)
-    return means
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
 
 # ---------------------------------------------------------------- the run
@@ -148,15 +122,21 @@ class Trainer:
     def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> None:
         from neuromf.data.loader import prepare_data
         from neuromf.meanflow.loss import MeanFlowLoss
+        from neuromf.meanflow.time_sampler import num_flow_matching
         from neuromf.model.unet import build_network, set_gradient_checkpointing
 
         self.spec, self.dry_run = spec, dry_run
-        self.device = pick_device(spec)
+        self.dist = setup_distributed(spec)  # one process unless torchrun/srun started several
+        self.device = self.dist.device
         configure_torch(spec, self.device)
         self.dtype = autocast_dtype(spec, self.device)
-        self.data = prepare_data(spec, self.device)
-        self.batches = self.data.train_batches(spec.training.batch_size)
-        self.val_batches = self.data.val_batches(spec.training.micro_batch_size) if self.data.val_names else None
+        world, rank = self.dist.world_size, self.dist.rank
+        with self.dist.main_first("preparing the data"):  # rank 0 packs the shard; the others only read it
+            self.data = prepare_data(spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main)
+        # training.batch_size is the GLOBAL batch: each rank takes its block of batch_size / world_size.
+        self.batches = self.data.train_batches(spec.training.batch_size // world, rank=rank, world_size=world)
+        self.micro_batch = spec.training.batch_size // (world * spec.training.accumulate_grad_batches)
+        self.val_batches = self.data.val_batches(self.micro_batch) if self.data.val_names else None
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = 1 if dry_run else total_steps(spec, self.steps_per_epoch)
         if not dry_run and spec.training.warmup_steps >= self.total_steps:
@@ -171,37 +151,52 @@ class Trainer:
         # NaN/Inf batches become skipped steps here (the loss's own check would stop the run).
         self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
         self.compute: ComputeFn = self.loss.compute
+        # Every rank keeps the EMA: the weights are the same on all, so are the averages, and sharded
+        # validation of the EMA needs no broadcast.
         self.ema = EMA(self.net, spec.ema.decay, spec.ema.half_lives)
         self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, spec.training)
-        self.generator = torch.Generator(self.device).manual_seed(spec.training.seed)
         self.progress = Progress()
         self.checkpoints = CheckpointDir(spec.paths.run_dir, spec.checkpoint.keep_last)
         resumed_from = self._resume(resume) if resume and not dry_run else None
-        self.log = RunLog(spec, self.total_steps, self.progress.global_step, resumed=resumed_from is not None)
+        # Wrapped after loading, so DDP's initial broadcast (rank 0's weights to all) sends the resumed ones.
+        self.grad_net: torch.nn.Module = self.net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            with self.dist._guard("wrapping the model in DDP (broadcast of rank 0's weights)"):
+                self.grad_net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.log: Any = RunLog(spec, self.total_steps, self.progress.global_step, resumed=resumed_from is not None) \
+            if self.dist.is_main else _SilentLog()
         if resumed_from is not None:
             self.log.event(self.progress.global_step, f"resumed from {resumed_from} at step {self.progress.global_step}")
+        if world > 1:
+            self.log.say(f"{world} processes ({self.dist.launcher}, {'NCCL' if self.device.type == 'cuda' else 'gloo'}): "
+                         f"global batch {spec.training.batch_size} = {world} x {spec.training.accumulate_grad_batches} "
+                         f"micro-batch(es) of {self.micro_batch}")
+        if num_flow_matching(self.micro_batch, spec.time_sampling.data_proportion) == 0 < spec.time_sampling.data_proportion:
+            self.log.say(f"warning: micro-batches of {self.micro_batch} get no r = t rows (floor({self.micro_batch} x "
+                         f"time_sampling.data_proportion {spec.time_sampling.data_proportion}) = 0): all rows are MeanFlow rows")
         if spec.training.compile:
             self._compile()
 
     # ------------------------------------------------------------ resume and checkpoints
 
     def _resume(self, resume: str) -> Optional[Path]:
+        """Load a checkpoint into every rank: with 'auto', rank 0 picks the newest good one and tells the others."""
         if resume == "auto":
-            found = self.checkpoints.load_newest(self.device)
-            if found is None:
-                print("no checkpoint to resume from: starting fresh")
+            found = self.checkpoints.load_newest(self.device) if self.dist.is_main else None
+            chosen = self.dist.broadcast(None if found is None else str(found[0]), "agreeing on the checkpoint to resume from")
+            if chosen is None:
+                if self.dist.is_main:
+                    print("no checkpoint to resume from: starting fresh")
                 return None
-            path, state = found
+            path = Path(chosen)
+            state = found[1] if found is not None else self._load(path)
         else:
             path = Path(resume)
-            try:
-                state = load_checkpoint(path, self.device)
-            except FileNotFoundError:
-                raise UserError(f"--resume: {path} does not exist") from None
-            except Exception as e:
-                raise UserError(f"--resume: {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            state = self._load(path)
         if state["config"]["model"] != self.spec.model.model_dump(mode="json"):
             raise UserError(f"--resume: {path} was trained with a different model section; start a new run_dir")
         self.net.load_state_dict(state["model_state_dict"])
@@ -209,9 +204,17 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.batches.load_state_dict(state["data_state"])
-        restore_rng_states(state["rng"], {"loss": self.generator})
+        restore_rng_states(state["rng"])  # kept for completeness: the loss noise is a function of the step
         self.progress = Progress(**state["progress"])
         return path
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        try:
+            return load_checkpoint(path, self.device)
+        except FileNotFoundError:
+            raise UserError(f"--resume: {path} does not exist") from None
+        except Exception as e:
+            raise UserError(f"--resume: {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
     def checkpoint_state(self) -> dict[str, Any]:
         model_state = self.net.state_dict()
@@ -229,12 +232,15 @@ class Trainer:
             "config": self.spec.model_dump(mode="json"),
             "loss_history": self.progress.history,
             "progress": asdict(self.progress),
-            "rng": capture_rng_states({"loss": self.generator}),
+            "rng": capture_rng_states(),
             "data_state": self.batches.state_dict(),
             "latent_stats": self.data.stats.state_dict(),  # so samples can be de-normalised without the data
         }
 
     def save_latest(self) -> Path:
+        """Write checkpoints/latest.pt (rank 0 only: the state is the same on every rank)."""
+        if not self.dist.is_main:
+            return self.checkpoints.latest
         path = self.checkpoints.save_latest(self.checkpoint_state())
         self.log.write_summary()
         return path
@@ -245,17 +251,26 @@ class Trainer:
         """Compile the loss maths (forward, JVP, backward graphs). Lazy: failures surface at the first step."""
         self.compute = torch.compile(self.loss.compute)
 
+    def _noise(self, micro: int) -> torch.Generator:
+        """The generator of this rank's micro-batch `micro` in the current step: chunk rank * accumulate + micro."""
+        chunk = self.dist.rank * self.spec.training.accumulate_grad_batches + micro
+        return chunk_generator(self.spec.training.seed, self.progress.global_step, chunk, self.device)
+
     def _step(self, batch: torch.Tensor) -> tuple[bool, dict[str, torch.Tensor]]:
+        def step() -> tuple[bool, dict[str, torch.Tensor]]:
+            return train_step(self.loss, self.compute, self.net, batch, self._noise, self.optimizer, self.spec, self.dtype,
+                              grad_net=self.grad_net, dist=self.dist)
+
         try:
-            return train_step(self.loss, self.compute, self.net, batch, self.generator, self.optimizer, self.spec, self.dtype)
+            return step()
         except Exception as e:
-            if self.compute == self.loss.compute:
+            if self.compute == self.loss.compute or is_collective_error(e):
                 raise
             # A failed compile must not cost the run: say so once and go on eagerly (slower, same maths).
             self.log.event(self.progress.global_step, f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to eager")
             self.compute = self.loss.compute
             self.optimizer.zero_grad(set_to_none=True)
-            return train_step(self.loss, self.compute, self.net, batch, self.generator, self.optimizer, self.spec, self.dtype)
+            return step()
 
     # ------------------------------------------------------------ the loop
 
@@ -270,7 +285,7 @@ class Trainer:
             while p.global_step < self.total_steps:
                 batch = self.batches.next_batch()
                 applied, metrics = self._step(batch)
-                window_samples += batch.shape[0]
+                window_samples += batch.shape[0] * self.dist.world_size  # latents of the global batch
                 if applied:
                     self.scheduler.step()
                     if p.global_step % spec.ema.update_every == 0:
@@ -314,11 +329,16 @@ class Trainer:
                     self._end_of_epoch(p.epoch, final=p.global_step >= self.total_steps)
                 elif p.global_step % spec.checkpoint.latest_every_n_steps == 0 and applied:
                     self.save_latest()
-                if stop.requested:
+                # A signal may reach one rank only (or each at a different step): the largest signal number
+                # over all ranks, once per step, so that all stop after the same step.
+                requested = self.dist.max_int(signal.Signals[stop.requested].value if stop.requested else 0, "sharing stop requests")
+                if requested:
+                    name = signal.Signals(requested).name
+                    code = INTERRUPT_EXIT_CODE if name == "SIGINT" else REQUEUE_EXIT_CODE
                     path = self.save_latest()
-                    self.log.event(p.global_step, f"{stop.requested}: saved {path} at step {p.global_step}; exiting with {stop.exit_code}")
+                    self.log.event(p.global_step, f"{name}: saved {path} at step {p.global_step}; exiting with {code}")
                     self.log.close()
-                    return stop.exit_code
+                    return code
             if not epoch_done:  # max_steps ended inside epoch p.epoch + 1: validate, sample and save it as that
                 self._end_of_epoch(p.epoch + 1, final=True)
         self.log.say(f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}")
@@ -330,10 +350,10 @@ class Trainer:
         spec = self.spec
         if final or epoch % spec.logging.val_every_n_epochs == 0:
             self._validate(epoch)
-        if final or epoch % spec.checkpoint.save_every_n_epochs == 0:
+        if self.dist.is_main and (final or epoch % spec.checkpoint.save_every_n_epochs == 0):
             self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
-        if final or epoch % spec.sampling.every_n_epochs == 0:
-            self._samples(epoch)
+        if self.dist.is_main and (final or epoch % spec.sampling.every_n_epochs == 0):
+            self._samples(epoch)  # the other ranks go on and wait in the next step's all-reduce
         self.save_latest()
 
     def _validate(self, epoch: int) -> None:
@@ -343,13 +363,14 @@ class Trainer:
         self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
         record: dict[str, Any] = {"step": p.global_step, "epoch": epoch}
         for label, net in (("val", self.ema_net), ("val_online", self.net)):
-            losses = validation_losses(self.loss, net, self.val_batches, self.spec, self.device, self.dtype)
-            record.update({f"{label}/{k}": v for k, v in losses.items() if k in {"loss_total", "loss_fm", "loss_mf", "mse_fm", "mse_mf", "mse_total"}})
+            losses = validation_losses(self.loss, net, self.val_batches, self.spec, self.device, self.dtype, self.dist)
+            record.update({f"{label}/{k}": v for k, v in losses.items()})
         self.log.log(record)
         p.history["val"].append({k: v for k, v in record.items()})
-        if record["val/mse_total"] < p.best_val:
+        if record["val/mse_total"] < p.best_val:  # the all-reduced value: every rank agrees
             p.best_val = record["val/mse_total"]
-            self.checkpoints.save_best(self.checkpoint_state())
+            if self.dist.is_main:
+                self.checkpoints.save_best(self.checkpoint_state())
         self.log.say(f"epoch {epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}")
 
     def _samples(self, epoch: int) -> None:
@@ -362,10 +383,20 @@ class Trainer:
 
 
 def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> int:
+    """Train (one process, or one rank of a torchrun/srun launch); the exit code of `neuromf train`."""
     trainer = Trainer(spec, resume=resume, dry_run=dry_run)
     try:
-        return trainer.run()
+        code = trainer.run()
     except TrainingDiverged as e:
         trainer.log.event(trainer.progress.global_step, str(e))
         trainer.log.close()
-        return 3
+        code = 3
+    if trainer.dist.enabled and code in (REQUEUE_EXIT_CODE, INTERRUPT_EXIT_CODE):
+        # Rank 0 has saved. srun --kill-on-bad-exit TERMs the other tasks as soon as one exits non-zero, which
+        # would turn this rank's 75 into "Terminated" (no requeue): ignore TERM from here, and let no rank
+        # leave before every rank does.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        trainer.dist.barrier("waiting for every rank after the stop checkpoint")
+    # Only after a clean end: after a failed collective the group may be unusable (the process exits anyway).
+    trainer.dist.close()
+    return code
