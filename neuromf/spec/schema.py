@@ -360,6 +360,11 @@ class RunSpec(Section):
             )
         if self.data.source == "demo" and self.model.in_channels != 4:
             raise ValueError("model.in_channels: the demo data has 4 channels")
+        if self.hardware.device == "cpu" and self.training.precision == "bf16":
+            raise ValueError(
+                "training.precision: bf16 on hardware.device cpu gives sporadic NaN gradients "
+                "(PyTorch's CPU bf16 3D convolutions); use fp32 on CPU"
+            )
         if self.training.micro_batch_size < 1:
             raise ValueError("training.batch_size: must be >= accumulate_grad_batches")
         gpus = self.hardware.nodes * self.hardware.gpus_per_node

@@ -146,7 +146,9 @@ class Trainer:
         if spec.model.init_from is not None:
             from neuromf.model.warm_start import load_pretrained_backbone
 
-            load_pretrained_backbone(self.net, spec.model.init_from)
+            load_pretrained_backbone(
+                self.net, spec.model.init_from, spacing_mm=spec.model.init_spacing_mm, class_label=spec.model.init_class_label
+            )
         set_gradient_checkpointing(self.net, spec.training.gradient_checkpointing)  # gradient passes only, never the JVP
         # NaN/Inf batches become skipped steps here (the loss's own check would stop the run).
         self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
