@@ -6,10 +6,10 @@
 #
 # Options (each also read from the environment variable in brackets; an empty value drops the sbatch option):
 #   --time T           wall time                                   [NEUROMF_TIME, default 2-00:00:00]
-#   --cpus N           CPUs per task                               [NEUROMF_CPUS, default 16]
+#   --cpus N           CPUs per task (one task per GPU)            [NEUROMF_CPUS, default 16]
 #   --mem M            memory per node                             [NEUROMF_MEM, default 64G]
 #   --constraint C     node features                               [NEUROMF_CONSTRAINT, default dgx]
-#   --gres G           generic resources                           [NEUROMF_GRES, default gpu:1]
+#   --gres G           generic resources per node                  [NEUROMF_GRES, default gpu:<hardware.gpus_per_node>]
 #   --partition P      partition                                   [NEUROMF_PARTITION, default: the site's]
 #   --account A        account                                     [NEUROMF_ACCOUNT, default: the site's]
 #   --job-name N       job name                                    [NEUROMF_JOB_NAME, default neuromf_p4_train]
@@ -23,6 +23,10 @@
 #   --resume auto|PATH checkpoint for the first start (a requeued job always resumes with auto) [NEUROMF_RESUME]
 #   --dry-run          validate and print the sbatch command, submit nothing
 #
+# Several GPUs: the run-spec's hardware.nodes (M) and hardware.gpus_per_node (N) give --nodes=M --ntasks=M*N
+# --ntasks-per-node=N --gres=gpu:N, and the worker starts one trainer per GPU with srun (torch.distributed, NCCL).
+# training.batch_size stays the global batch: each GPU trains on batch_size / (M * N) latents per step.
+#
 # Exit codes: 0 submitted (prints the job id), 2 invalid run-spec or options (nothing submitted), other: sbatch failed.
 set -euo pipefail
 
@@ -31,7 +35,7 @@ TIME=${NEUROMF_TIME-2-00:00:00}
 CPUS=${NEUROMF_CPUS-16}
 MEM=${NEUROMF_MEM-64G}
 CONSTRAINT=${NEUROMF_CONSTRAINT-dgx}
-GRES=${NEUROMF_GRES-gpu:1}
+GRES=${NEUROMF_GRES-default} # "default": gpu:<hardware.gpus_per_node>, decided once the run-spec is read
 PARTITION=${NEUROMF_PARTITION-}
 ACCOUNT=${NEUROMF_ACCOUNT-}
 JOB_NAME=${NEUROMF_JOB_NAME-neuromf_p4_train}
@@ -113,7 +117,8 @@ try:
 except UserError as e:
     sys.exit("\n".join(e.problems))
 info = [s.paths.run_dir, s.paths.results_root or s.paths.run_dir.parent,
-        s.paths.cache_dir or s.paths.run_dir / "cache" / "torchinductor", s.hardware.nodes * s.hardware.gpus_per_node]
+        s.paths.cache_dir or s.paths.run_dir / "cache" / "torchinductor", s.hardware.nodes * s.hardware.gpus_per_node,
+        s.hardware.nodes, s.hardware.gpus_per_node]
 for folder in [s.data.latent_dir, s.data.shard and s.data.shard.parent, s.data.stats_file and s.data.stats_file.parent,
                s.paths.vae_weights and s.paths.vae_weights.parent, s.model.init_from and s.model.init_from.parent]:
     if folder is not None and folder.is_dir():
@@ -127,26 +132,34 @@ if ! out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -c "$SPEC_PATHS_PY" 
     die "invalid run-spec $SPEC, nothing submitted:" "${problems[@]}"
 fi
 mapfile -t info < <(sed -n 's/^neuromf-info: //p' <<<"$out") # a runtime may print warnings around them
-[[ ${#info[@]} -ge 4 ]] || die "could not read the run-spec's paths through the image:" "$out"
+[[ ${#info[@]} -ge 6 ]] || die "could not read the run-spec's paths through the image:" "$out"
 RUN_DIR=${info[0]}
 RESULTS=${RESULTS:-${info[1]}}
 CACHE_DIR=${info[2]}
 N_GPUS=${info[3]}
+NODES=${info[4]}
+GPUS_PER_NODE=${info[5]}
+[[ $GRES == default ]] && GRES=gpu:$GPUS_PER_NODE
 [[ -n $SIGNAL ]] || { [[ $N_GPUS -gt 1 ]] && SIGNAL=USR2 || SIGNAL=USR1; }
 LOG_DIR=$RESULTS/phase_4/logs
 
 # Outputs are created here, on the login node, so the job's binds and log files have somewhere to go.
 mkdir -p "$RUN_DIR" "$CACHE_DIR" "$LOG_DIR" || die "cannot create $RUN_DIR, $CACHE_DIR or $LOG_DIR"
 binds=(--bind "$spec_dir" --bind "$RUN_DIR" --bind "$CACHE_DIR")
-for folder in "${info[@]:4}"; do binds+=(--bind "$folder"); done
+for folder in "${info[@]:6}"; do binds+=(--bind "$folder"); done
 if ! report=$("$RUNTIME" exec "${binds[@]}" "$SIF" neuromf validate "$SPEC" "${SETS[@]}" --check-paths 2>&1); then
     mapfile -t problems <<<"$report"
     die "invalid run-spec $SPEC, nothing submitted:" "${problems[@]}"
 fi
 printf '%s\n' "$report"
 
-args=(--parsable --export=ALL --job-name="$JOB_NAME" --ntasks=1 --requeue --open-mode=append
+args=(--parsable --export=ALL --job-name="$JOB_NAME" --requeue --open-mode=append
     --signal="B:$SIGNAL@$SIGNAL_LEAD" --output="$LOG_DIR/%x_%j.out" --error="$LOG_DIR/%x_%j.err")
+if [[ $N_GPUS -gt 1 ]]; then # one task per GPU (--ntasks too: it would win over --ntasks-per-node)
+    args+=(--nodes="$NODES" --ntasks="$N_GPUS" --ntasks-per-node="$GPUS_PER_NODE")
+else
+    args+=(--ntasks=1)
+fi
 [[ -n $TIME ]] && args+=(--time="$TIME")
 [[ -n $CPUS ]] && args+=(--cpus-per-task="$CPUS")
 [[ -n $MEM ]] && args+=(--mem="$MEM")
@@ -170,7 +183,7 @@ job=$("${cmd[@]}")
 job=${job%%;*}
 log=$LOG_DIR/${JOB_NAME}_$job
 cat <<EOF
-submitted job $job ($JOB_NAME), signal SIG$SIGNAL $SIGNAL_LEAD s before the time limit
+submitted job $job ($JOB_NAME, $NODES node(s) x $GPUS_PER_NODE GPU(s)), signal SIG$SIGNAL $SIGNAL_LEAD s before the time limit
   run folder:  $RUN_DIR   (checkpoints/, samples/, training_log.jsonl)
   logs:        $log.out  $log.err
   watch:       squeue -j $job;  tail -f $log.out

@@ -3,6 +3,11 @@
 # pre-emption signals are forwarded to the trainer, which finishes its step, saves a checkpoint and exits 75; this
 # script then requeues the job, which comes back and resumes from that checkpoint.
 #
+# Several GPUs (the run-spec's hardware.nodes x hardware.gpus_per_node > 1): one task per GPU,
+#   srun --nodes=M --ntasks-per-node=N --kill-on-bad-exit=1 apptainer exec --nv ... neuromf train SPEC
+# in an allocation of --nodes=M --ntasks-per-node=N --gres=gpu:N (container/train.sh asks for it). The signal
+# is forwarded to srun, which passes it to every task; rank 0 saves and every task exits 75.
+#
 # Normally submitted by container/train.sh (which adds the site options: time, CPUs, memory, GPU, constraint).
 # Direct use:  sbatch --time=2-00:00:00 --gres=gpu:1 container/train_worker.sh /abs/spec.yaml [--set K=V ...]
 #
@@ -132,6 +137,7 @@ for folder in [Path(a.spec).resolve().parent, s.data.latent_dir, s.data.stats_fi
         folders.append(folder)
 for folder in folders:
     print("neuromf-path:", folder)
+print("neuromf-gpus:", s.hardware.nodes, s.hardware.gpus_per_node)
 '
 spec_dir=$(cd "$(dirname "$SPEC")" && pwd)
 if ! paths_out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -c "$SPEC_PATHS_PY" "$SPEC" "${SETS[@]}" 2>&1); then
@@ -143,6 +149,22 @@ mapfile -t folders < <(sed -n 's/^neuromf-path: //p' <<<"$paths_out")
 [[ ${#folders[@]} -ge 3 ]] || fail 2 "could not read the paths of the run-spec through the image:" "$paths_out"
 RUN_DIR=${folders[0]}
 CACHE_DIR=${folders[1]}
+read -r NODES GPUS_PER_NODE < <(sed -n 's/^neuromf-gpus: //p' <<<"$paths_out")
+[[ ${NODES:-} =~ ^[0-9]+$ && ${GPUS_PER_NODE:-} =~ ^[0-9]+$ ]] || fail 2 "could not read hardware.nodes/gpus_per_node through the image:" "$paths_out"
+N_TASKS=$((NODES * GPUS_PER_NODE))
+LAUNCH=() # nothing for one GPU; srun with one task per GPU for several
+if [[ $N_TASKS -gt 1 ]]; then
+    [[ -n ${SLURM_JOB_ID:-} ]] ||
+        fail 2 "the run-spec asks for $NODES node(s) x $GPUS_PER_NODE GPU(s): submit it with container/train.sh (or use torchrun outside SLURM)"
+    [[ ${SLURM_NTASKS:-1} -ge $N_TASKS && ${SLURM_JOB_NUM_NODES:-1} -ge $NODES ]] ||
+        fail 2 "the run-spec asks for $NODES node(s) x $GPUS_PER_NODE GPU(s), but this job has ${SLURM_JOB_NUM_NODES:-1} node(s) and ${SLURM_NTASKS:-1} task(s): submit with --nodes=$NODES --ntasks-per-node=$GPUS_PER_NODE --gres=gpu:$GPUS_PER_NODE (container/train.sh does)"
+    LAUNCH=(srun --nodes="$NODES" --ntasks="$N_TASKS" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1)
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && LAUNCH+=(--cpus-per-task="$SLURM_CPUS_PER_TASK") # newer srun does not inherit it
+    # Rank 0's host and a port of this job, for torch.distributed (scontrol is rarely inside the image).
+    MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)
+    export MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
+    export APPTAINERENV_MASTER_ADDR=$MASTER_ADDR APPTAINERENV_MASTER_PORT=$MASTER_PORT
+fi
 mkdir -p "$RUN_DIR" "$CACHE_DIR" "${folders[2]}" || fail 2 "cannot create the run folder $RUN_DIR or cache $CACHE_DIR"
 
 RT_OPTS=()
@@ -174,9 +196,9 @@ stop_if_signalled
 # ---------------------------------------------------------------------------------------------------- training
 export TORCHINDUCTOR_CACHE_DIR=$CACHE_DIR APPTAINERENV_TORCHINDUCTOR_CACHE_DIR=$CACHE_DIR
 export WANDB_DIR=$RUN_DIR APPTAINERENV_WANDB_DIR=$RUN_DIR # offline wandb runs land in the run folder
-log "starting the trainer: neuromf train $SPEC ${SETS[*]} --resume $RESUME"
+log "starting the trainer: ${LAUNCH[*]}${LAUNCH:+ }neuromf train $SPEC ${SETS[*]} --resume $RESUME${LAUNCH:+ ($N_TASKS tasks, rank 0 on $MASTER_ADDR:$MASTER_PORT)}"
 # In the background: bash runs a trap only between commands, so a foreground trainer would defer it until it exits.
-"$RUNTIME" exec "${RT_OPTS[@]}" "$SIF" neuromf train "$SPEC" "${SETS[@]}" --resume "$RESUME" &
+"${LAUNCH[@]}" "$RUNTIME" exec "${RT_OPTS[@]}" "$SIF" neuromf train "$SPEC" "${SETS[@]}" --resume "$RESUME" &
 child=$!
 # A trapped signal makes `wait` return early (status > 128) while the trainer is still saving: wait again until it
 # is gone, then once more for its real exit status (bash remembers it).

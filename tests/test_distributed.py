@@ -29,6 +29,7 @@ from neuromf.spec import RunSpec, runspec_from_dict
 from neuromf.train.checkpoint import load_checkpoint
 from neuromf.train.distributed import CollectiveError, check_world, detect_launch, first_host
 from neuromf.train.loop import Trainer, train
+from slurm_fixture import slurm_cluster  # noqa: F401  (the fixture is used by name)
 from test_trainer import tiny_raw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,4 +335,90 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(latent_dir: P
     assert train(spec_of(ddp_raw(latent_dir, run_dir, 1)), resume="auto") == 0
     got, want = final(run_dir), final(straight_runs["one"])
     assert got["global_step"] == MAX_STEPS
+    assert_close_states(got["model_state_dict"], want["model_state_dict"], "model")
+
+
+# ---------------------------------------------------------------- SLURM: the launcher and a real 2-task job
+
+
+def test_the_launcher_asks_for_one_task_per_gpu(tmp_path: Path) -> None:
+    """container/train.sh --dry-run on a 2 nodes x 3 GPUs run-spec: the sbatch options of a multi-GPU job."""
+    sif = tmp_path / "trainer.sif"
+    sif.write_text("placeholder\n")
+    env = {**os.environ, "NEUROMF_RUNTIME": str(REPO / "container" / "host_runtime.sh"), "NEUROMF_SIF": str(sif),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(REPO / "container" / "train.sh"), "--dry-run", "runspecs/demo.yaml",
+                           "--set", f"paths.run_dir={tmp_path / 'run'}", "--set", "hardware.nodes=2",
+                           "--set", "hardware.gpus_per_node=3", "--set", "training.batch_size=12"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("dry run, would submit:"))
+    for option in ("--nodes=2", "--ntasks=6", "--ntasks-per-node=3", "--gres=gpu:3", "--signal=B:USR2@600"):
+        assert f" {option} " in line, (option, line)
+    assert "--ntasks=1 " not in line
+
+
+def _slurm_job_env(cluster: Any, tmp_path: Path) -> dict[str, str]:
+    from test_slurm import job_env
+
+    return job_env(cluster, tmp_path, NEUROMF_TIME="15")  # minutes: the test sends the stop signal itself
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_two_task_slurm_job_stops_on_usr2_requeues_and_finishes(slurm_cluster: Any, tmp_path: Path) -> None:
+    """The real launcher and worker on the one-node SLURM: srun -n 2 (gloo, host runtime), SIGUSR2 to the batch
+    shell (as at the wall time) -> srun -> both ranks; rank 0 saves, both exit 75, the job requeues, resumes in
+    2 tasks and completes, with the weights of one process trained on the same global batches."""
+    from test_slurm import DEMO, SHORT_RUN, events, launch, sets
+
+    max_steps = 10
+    run = [*SHORT_RUN, "hardware.gpus_per_node=2", f"training.max_steps={max_steps}", "logging.log_every_n_steps=1",
+           "checkpoint.latest_every_n_steps=1000", "sampling.n_samples=2", "sampling.nfe=[1]"]
+    slurm_dir = tmp_path / "slurm" / "run"
+    submitted = launch(_slurm_job_env(slurm_cluster, tmp_path), str(DEMO), *sets(*run, f"paths.run_dir={slurm_dir}"))
+    assert submitted.returncode == 0, submitted
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)  # type: ignore[union-attr]
+    assert "1 node(s) x 2 GPU(s)" in submitted.stdout
+
+    finished = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY"}
+    deadline, signalled, info = time.monotonic() + 420, False, {}
+    log = slurm_dir / "training_log.jsonl"
+    while time.monotonic() < deadline:
+        info = slurm_cluster.job(job_id)
+        if info.get("JobState") in finished:
+            break
+        if not signalled and log.exists() and '"step": 3,' in log.read_text():
+            stop = slurm_cluster.cmd("scancel", "--batch", "--signal=USR2", job_id)
+            assert stop.returncode == 0, stop.stderr
+            signalled = True
+        time.sleep(1)
+    log_dir = tmp_path / "slurm" / "phase_4" / "logs"
+    out = (log_dir / f"neuromf_p4_train_{job_id}.out").read_text()
+    err = (log_dir / f"neuromf_p4_train_{job_id}.err").read_text()
+    story = f"job {info}\n--- .out\n{out}\n--- .err (tail)\n{err[-4000:]}\n{slurm_cluster.logs()}"
+    assert signalled and info.get("JobState") == "COMPLETED", story
+    assert int(info["Restarts"]) == 1, story
+
+    assert "starting the trainer: srun --nodes=1 --ntasks=2 --ntasks-per-node=2 --kill-on-bad-exit=1" in out, story
+    assert "(2 tasks, rank 0 on" in out and "2 processes (slurm, gloo)" in err, story
+    assert "received SIGUSR2: forwarding to the trainer" in out, story
+    assert err.count("received SIGUSR2: finishing the current step") == 2, story  # srun passed it to both ranks
+    assert "trainer saved a checkpoint and exited 75 after SIGUSR2" in out and "trainer finished (exit 0)" in out, story
+    done = events(slurm_dir)
+    saved = [int(m.group(1)) for e in done if (m := re.match(r"SIGUSR2: saved \S+latest.pt at step (\d+)", e))]
+    resumed = [int(m.group(1)) for e in done if (m := re.match(r"resumed from \S+ at step (\d+)", e))]
+    assert len(saved) == 1 and resumed == saved and 3 <= saved[0] < max_steps, done
+    steps = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "train/loss_total" in r]
+    assert steps == list(range(1, max_steps + 1))  # rank 0 alone logs, and the resumed log continues seamlessly
+
+    # One process, 2 micro-batches of 2: the same chunks, the same noise, the same weights.
+    ref_dir = tmp_path / "reference" / "run"
+    from neuromf.spec import load_runspec
+
+    reference = load_runspec(DEMO, [*run, "hardware.gpus_per_node=1", "training.accumulate_grad_batches=2",
+                                    f"paths.run_dir={ref_dir}"])
+    assert train(reference) == 0
+    got, want = final(slurm_dir), final(ref_dir)
+    assert got["global_step"] == want["global_step"] == max_steps
     assert_close_states(got["model_state_dict"], want["model_state_dict"], "model")
