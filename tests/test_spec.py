@@ -104,7 +104,7 @@ BAD_INPUTS = {
     "empty file": ("", "the file is empty"),
     "top-level list": ("- a\n- b\n", "expected a mapping of sections"),
     "demo size mismatch": (
-        "model:\n  spatial_size: [16, 16, 16]\ndata:\n  demo:\n    size: 32\n", "model.spatial_size: [16, 16, 16] differs"
+        "model:\n  spatial_size: [16, 16, 16]\ndata:\n  source: demo\n  demo:\n    size: 32\n", "model.spatial_size: [16, 16, 16] differs"
     ),
     "bf16 on cpu": ("training:\n  precision: bf16\nhardware:\n  device: cpu\n", "training.precision: bf16 on hardware.device cpu"),
     "unknown reference": ("paths:\n  run_dir: ${paths.nowhere}/x\n", "paths.run_dir: ${paths.nowhere} refers to"),
