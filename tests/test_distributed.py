@@ -89,6 +89,17 @@ def assert_close_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}[{k}]: {m}")
 
 
+def _plain_rank_envs(world: int = 2) -> list[dict[str, str]]:
+    """The environment torchrun would give each rank, for processes started without it (a free port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [{**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"} for r in range(world)]
+
+
 def log_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
 
@@ -158,7 +169,8 @@ import sys, time, torch
 from pathlib import Path
 from neuromf.spec import runspec_from_dict
 from neuromf.train.distributed import setup_distributed
-spec = runspec_from_dict({"hardware": {"device": "cpu", "collective_timeout_s": 10}, "training": {"batch_size": 2}}, base_dir=Path("."))
+spec = runspec_from_dict({"hardware": {"device": "cpu", "collective_timeout_s": 10},
+                          "training": {"batch_size": 2, "precision": "fp32"}}, base_dir=Path("."))
 d = setup_distributed(spec)
 if d.rank == 1:
     time.sleep(40 if sys.argv[1] == "hang" else 0)
@@ -174,17 +186,8 @@ except Exception as e:
 @pytest.mark.parametrize("how", ["dead", "hang"])
 def test_a_dead_or_hanging_rank_is_a_clear_error_not_a_hang(how: str, tmp_path: Path) -> None:
     """Two plain processes (no torchrun, which would end rank 0 itself): rank 1 leaves, or sleeps past the timeout."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", HANG, how], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    procs = [subprocess.Popen([sys.executable, "-c", HANG, how], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for env in _plain_rank_envs()]
     t0 = time.monotonic()
     out, _ = procs[0].communicate(timeout=120)
     waited = time.monotonic() - t0
@@ -194,6 +197,25 @@ def test_a_dead_or_hanging_rank_is_a_clear_error_not_a_hang(how: str, tmp_path: 
     assert "rank 0 of 2: the test's all-reduce failed" in out and "hardware.collective_timeout_s = 10 s" in out, out
     if how == "hang":
         assert waited < 40, "rank 0 waited for the sleeping rank instead of timing out"
+
+
+def test_rank_0_failing_to_pack_the_data_ends_every_rank(latent_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 packs the shard while the others wait; a bad latent ends them all (exit 2), nobody waits.
+
+    Two plain `neuromf train` processes (torchrun would end rank 1 itself as soon as rank 0 fails).
+    """
+    import shutil
+
+    bad_dir = tmp_path / "latents"
+    shutil.copytree(latent_dir, bad_dir)
+    broken = sorted(bad_dir.glob("*.pt"))[3]
+    broken.write_bytes(b"not a tensor")
+    spec = write(ddp_raw(bad_dir, tmp_path / "run", 2), tmp_path / "bad.yaml")
+    procs = [subprocess.Popen([sys.executable, "-m", "neuromf", "train", str(spec)], env=env, cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for env in _plain_rank_envs()]
+    outs = [p.communicate(timeout=100)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert broken.name in outs[0] and "rank 1: preparing the data failed on rank 0 (UserError: " in outs[1], outs
 
 
 # ---------------------------------------------------------------- one step: the gradient sync around the JVP
@@ -325,7 +347,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(latent_dir: P
         if proc.poll() is None:
             proc.kill()
     # Both workers exited 75 (torchrun itself then reports a failure, exit 1: resume with --resume auto).
-    assert len(re.findall(r"exitcode\s*:\s*75\b", out)) == 2 and proc.returncode != 0, out[-3000:]
+    assert len(re.findall(r"exitcode\s+:\s*75\b", out)) == 2 and proc.returncode != 0, out[-3000:]
     assert "received SIGUSR1" in out, out[-3000:]
     saved = [r for r in log_records(run_dir) if r.get("event", "").startswith("SIGUSR1: saved")]
     assert len(saved) == 1, out[-3000:]
