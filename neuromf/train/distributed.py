@@ -129,7 +129,8 @@ class Dist:
         return self.rank == 0
 
     @contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
+    def guard(self, what: str) -> Iterator[None]:
+        """A failed or timed-out collective inside the block becomes a CollectiveError that names this rank."""
         try:
             yield
         except Exception as e:
@@ -146,13 +147,13 @@ class Dist:
 
     def barrier(self, what: str = "a barrier") -> None:
         if self.enabled:
-            with self._guard(what):
+            with self.guard(what):
                 dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", what: str = "an all-reduce") -> torch.Tensor:
         """In place on `tensor` (on this rank's device) and returned; op 'sum' or 'max'."""
         if self.enabled:
-            with self._guard(what):
+            with self.guard(what):
                 dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return tensor
 
@@ -167,7 +168,7 @@ class Dist:
         if not self.enabled:
             return obj
         box = [obj]
-        with self._guard(what):
+        with self.guard(what):
             dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
@@ -255,7 +256,7 @@ def setup_distributed(spec: RunSpec, env: Mapping[str, str] = os.environ) -> Dis
     if "MASTER_PORT" not in os.environ:
         raise UserError(f"{launch.launcher}: MASTER_PORT is not set; set it to a free port shared by all ranks")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    with info._guard(f"joining the process group ({backend}, {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})"):
+    with info.guard(f"joining the process group ({backend}, {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})"):
         dist.init_process_group(
             backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
             timeout=timedelta(seconds=spec.hardware.collective_timeout_s),

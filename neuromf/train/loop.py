@@ -167,7 +167,7 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            with self.dist._guard("wrapping the model in DDP (broadcast of rank 0's weights)"):
+            with self.dist.guard("wrapping the model in DDP (broadcast of rank 0's weights)"):
                 self.grad_net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.log: Any = RunLog(spec, self.total_steps, self.progress.global_step, resumed=resumed_from is not None) \
             if self.dist.is_main else _SilentLog()
