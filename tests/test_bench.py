@@ -75,8 +75,11 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
     assert r["ratios"]["memory_eager_vs_naive"] == pytest.approx(eager["peak_step_bytes"] / naive["peak_step_bytes"])
     assert [t["name"] for t in r["targets"]] == ["our step <= 2.5x the flow-matching step (both eager)"]
     p = r["projection"]
-    assert p["variant"] == "eager" and p["total_steps"] == 400  # demo.yaml: max_steps 400
-    assert p["run_hours"] == pytest.approx(400 * p["seconds_per_step"] / 3600)
+    from neuromf.spec import load_runspec
+
+    demo_steps = load_runspec(Path(__file__).resolve().parents[1] / "runspecs" / "demo.yaml").training.max_steps
+    assert p["variant"] == "eager" and p["total_steps"] == demo_steps
+    assert p["run_hours"] == pytest.approx(demo_steps * p["seconds_per_step"] / 3600)
 
 
 def test_cli_bench_bad_micro_batch_is_a_user_error(tmp_path: Path) -> None:
