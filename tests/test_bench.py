@@ -27,12 +27,13 @@ DEMO = REPO / "runspecs" / "demo.yaml"
 TINY_16 = ["model.spatial_size=[16,16,16]", "data.demo.size=16", "data.demo.n_volumes=8"]
 
 VARIANT_FIELDS = {
-    "name", "description", "compiled", "gradient_checkpointing", "channels_last", "error", "first_step_s", "first_step",
-    "recompiles_during_timing", "skipped_steps", "peak_step_bytes", "peak_total_bytes", "mem_method", "step_s",
-    "data_wait_s", "data_wait_fraction", "latents_per_s", "flops_per_step", "flops_per_latent", "achieved_tflops", "mfu",
+    "name", "description", "compiled", "gradient_checkpointing", "channels_last", "error", "first_step_s",
+    "first_step", "recompiles_during_timing", "skipped_steps", "peak_step_bytes", "peak_total_bytes", "mem_method",
+    "step_s", "step_cpu_s", "data_wait_s", "data_wait_fraction", "latents_per_s", "flops_per_step",
+    "flops_per_latent", "forward_equivalents_per_latent", "achieved_tflops", "mfu",
 }
 TOP_FIELDS = {"neuromf_bench", "date", "spec", "device", "versions", "settings", "peak_flops", "peak_source", "variants",
-              "projection", "ratios", "targets"}
+              "projection", "ratios", "ratios_best", "ratios_cpu", "targets"}
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -58,6 +59,7 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
         assert VARIANT_FIELDS <= set(v), (name, VARIANT_FIELDS - set(v))
         assert v["error"] is None, v["error"]
         assert len(v["step_s"]["all"]) == 2 and 0 < v["step_s"]["min"] <= v["step_s"]["median"] <= v["step_s"]["max"]
+        assert len(v["step_cpu_s"]["all"]) == 2 and v["step_cpu_s"]["min"] > 0
         assert 0 <= v["data_wait_fraction"] < 0.5
         assert v["latents_per_s"] == pytest.approx(4 / v["step_s"]["median"])
         assert v["peak_step_bytes"] > 1e6 and v["peak_total_bytes"] > v["peak_step_bytes"]
@@ -66,20 +68,20 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
     eager, naive, fm = (r["variants"][k] for k in ("eager", "naive", "fm"))
     # FLOPs: batch 4 has 1 r = t row; FM = 3 forward-equivalents x 4, iMF adds 3 (JVP) + 3 (pass 2) x 3 rows: 2.5x
     assert eager["flops_per_step"] / fm["flops_per_step"] == pytest.approx(2.5, rel=0.05)
+    assert fm["forward_equivalents_per_latent"] == pytest.approx(3.0, rel=0.02)  # forward + backward (2 forwards)
     # the naive step JVPs every row inside a graph: more FLOPs and clearly more memory than ours
     assert naive["flops_per_step"] > eager["flops_per_step"]
     assert naive["peak_step_bytes"] > 1.4 * eager["peak_step_bytes"]
     # same network, batches, noise and times: the first steps' gradients agree
     assert eager["first_step"]["grad_norm"] == pytest.approx(naive["first_step"]["grad_norm"], rel=1e-4)
     assert set(r["ratios"]) == {"speedup_eager_vs_naive", "memory_eager_vs_naive", "cost_eager_vs_fm", "memory_eager_vs_fm"}
+    assert set(r["ratios_cpu"]) == set(r["ratios_best"]) == {"speedup_eager_vs_naive", "cost_eager_vs_fm"}
     assert r["ratios"]["memory_eager_vs_naive"] == pytest.approx(eager["peak_step_bytes"] / naive["peak_step_bytes"])
     assert [t["name"] for t in r["targets"]] == ["our step <= 2.5x the flow-matching step (both eager)"]
     p = r["projection"]
-    from neuromf.spec import load_runspec
-
-    demo_steps = load_runspec(Path(__file__).resolve().parents[1] / "runspecs" / "demo.yaml").training.max_steps
-    assert p["variant"] == "eager" and p["total_steps"] == demo_steps
-    assert p["run_hours"] == pytest.approx(demo_steps * p["seconds_per_step"] / 3600)
+    max_steps = load_runspec(DEMO, [f"paths.run_dir={tmp_path}"]).training.max_steps
+    assert p["variant"] == "eager" and max_steps and p["total_steps"] == max_steps
+    assert p["run_hours"] == pytest.approx(max_steps * p["seconds_per_step"] / 3600)
 
 
 def test_cli_bench_bad_micro_batch_is_a_user_error(tmp_path: Path) -> None:
@@ -106,6 +108,17 @@ def test_synthetic_data_micro_batches_and_checkpointing_run_the_same_maths(tmp_p
     assert v["flops_per_step"] == plain["flops_per_step"]  # model FLOPs: counted with checkpointing off
     acc = bench(_tiny_spec(tmp_path, "training.accumulate_grad_batches=2"), opts)
     assert acc["settings"]["micro_batch_size"] == 2 and acc["variants"]["eager"]["error"] is None
+
+
+def test_interleaved_variants_see_the_same_inputs(tmp_path: Path) -> None:
+    opts = BenchOptions(steps=2, warmup=0, variants=["naive", "eager"], data="synthetic", interleave=True)
+    r = bench(_tiny_spec(tmp_path), opts)
+    naive, eager = r["variants"]["naive"], r["variants"]["eager"]
+    assert r["settings"]["interleave"] is True and naive["error"] is None and eager["error"] is None
+    assert eager["first_step"]["grad_norm"] == pytest.approx(naive["first_step"]["grad_norm"], rel=1e-4)
+    assert len(naive["step_s"]["all"]) == len(eager["step_s"]["all"]) == 2
+    assert set(r["ratios"]) == {"speedup_eager_vs_naive", "memory_eager_vs_naive"}
+    assert set(r["ratios_best"]) == set(r["ratios_cpu"]) == {"speedup_eager_vs_naive"}
 
 
 def _grads(net: nn.Module) -> list[torch.Tensor]:

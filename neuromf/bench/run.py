@@ -17,6 +17,12 @@ Per variant: the first step (compile included) and `warmup` more steps untimed;
 peak memory; one more eager step under FlopCounterMode (checkpointing off, so
 the count is model FLOPs). A variant that fails (out of memory, compile error)
 is reported as such and the others still run.
+
+By default the variants run one after the other, each alone in memory (the
+GPU peaks are then each variant's own). `interleave` sets all of them up and
+times them one step each in turn, so that load from other processes on a
+shared machine slows every variant alike; its absolute peaks include the
+other variants' weights and optimizer states (its per-step peaks do not).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class BenchOptions:
     channels_last: bool = False  # network and batches in torch.channels_last_3d
     peak_tflops: Optional[float] = None  # overrides the peak table (e.g. for a CPU)
     epoch_latents: Optional[int] = None  # for the projection; default: the train split (synthetic: 1080)
+    interleave: bool = False  # time the variants one step each in turn (fair on a busy shared machine)
     on_variant: Optional[Callable[[str, dict[str, Any]], None]] = field(default=None, repr=False)  # progress hook
 
 
@@ -154,91 +161,181 @@ class _Bench:
         }
         self.flops: dict[str, int] = {}
 
+    def forward_flops_per_latent(self) -> Optional[int]:
+        """FLOPs of one forward pass per latent (no grad), counted once on one micro-batch of zeros."""
+        if "forward" not in self.flops:
+            shape = (self.micro, self.spec.model.in_channels, *self.spec.model.spatial_size)
+            x = torch.zeros(shape, device=self.device)
+            t = torch.full((self.micro,), 0.5, device=self.device)
+            with torch.no_grad():
+                self.flops["forward"] = count_flops(lambda: self.base(x, t, t)) // self.micro
+        return self.flops["forward"]
+
     @staticmethod
     def kind(name: str) -> tuple[str, bool]:
         """(the loss maths, compiled?) of a variant."""
         return {"naive": ("naive", False), "eager": ("imf", False), "compiled": ("imf", True),
                 "fm": ("fm", False), "fm_compiled": ("fm", True)}[name]
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def run_variant(self, name: str) -> dict[str, Any]:
+
+
+class _VariantRun:
+    """One variant: its copy of the network, optimizer, (compiled) loss, batch iterator, generator and timings."""
+
+    def __init__(self, b: _Bench, name: str) -> None:
         from neuromf.model.unet import set_gradient_checkpointing
-        from neuromf.train.loop import train_step
         from neuromf.train.schedule import build_optimizer
 
-        spec, opt, device = self.spec, self.options, self.device
-        math_kind, compiled = self.kind(name)
+        self.b, self.name = b, name
+        spec, opt = b.spec, b.options
+        self.math_kind, compiled = b.kind(name)
         # Checkpointing inside the naive step's graph-building JVP raises; it is the gradient passes' option.
         ckpt = spec.training.gradient_checkpointing and name != "naive"
-        result: dict[str, Any] = {"name": name, "description": VARIANTS[name], "compiled": compiled,
-                                  "gradient_checkpointing": ckpt, "channels_last": opt.channels_last, "error": None}
-        net = copy.deepcopy(self.base)
-        if opt.channels_last:
-            net = net.to(memory_format=torch.channels_last_3d)
-        set_gradient_checkpointing(net, ckpt)
-        net.train()
-        optimizer = build_optimizer(list(net.parameters()), spec.training, device)
-        eager_fn = self.math[math_kind]
-        compute = torch.compile(eager_fn) if compiled else eager_fn
-        batches = self.make_batches()
-        generator = torch.Generator(device).manual_seed(spec.training.seed)
-        last: dict[str, Any] = {}
-
-        def step(batch: torch.Tensor, fn: Callable[..., dict[str, torch.Tensor]] = compute) -> None:
-            if opt.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            applied, metrics = train_step(self.loss, fn, net, batch, generator, optimizer, spec, self.dtype)
-            last["applied"], last["metrics"] = applied, metrics
-
-        clock = StepClock(device)
+        self.result: dict[str, Any] = {"name": name, "description": VARIANTS[name], "compiled": compiled,
+                                       "gradient_checkpointing": ckpt, "channels_last": opt.channels_last, "error": None}
+        self.waits: list[float] = []
+        self.steps: list[float] = []
+        self.cpu: list[float] = []  # CPU seconds per step (CPU devices only)
+        self.recompiles = 0
+        self.last: dict[str, Any] = {}
+        self.net: Any = None
+        self.batches: Any = None
         try:
-            start = time.perf_counter()
-            step(batches.next_batch())
-            self._sync()
-            result["first_step_s"] = time.perf_counter() - start  # includes compilation
-            result["first_step"] = {k: float(v) for k, v in last["metrics"].items()}
-            for _ in range(opt.warmup):
-                step(batches.next_batch())
-            self._sync()
-            graphs = _unique_graphs()
-            waits, steps = [], []
-            for _ in range(opt.steps):
-                w, s = clock.iteration(batches.next_batch, step)
-                waits.append(w)
-                steps.append(s)
-            result["recompiles_during_timing"] = _unique_graphs() - graphs
-            result["skipped_steps"] = 0 if last["applied"] else 1
-            meter = MemoryMeter(device)
-            meter.start()
-            step(batches.next_batch())
-            result.update(meter.stop())
-            if math_kind not in self.flops:  # model FLOPs: eager twin, checkpointing off
-                set_gradient_checkpointing(net, False)
-                batch = batches.next_batch()
-                self.flops[math_kind] = count_flops(lambda: step(batch, eager_fn))
-        except Exception as e:  # noqa: BLE001 - report, free, and go on with the other variants
-            result["error"] = _error_text(e)
-            return result
-        finally:
-            del net, optimizer, compute
-            batches.close()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            self.net = copy.deepcopy(b.base)
+            if opt.channels_last:
+                self.net = self.net.to(memory_format=torch.channels_last_3d)
+            set_gradient_checkpointing(self.net, ckpt)
+            self.net.train()
+            self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, b.device)
+            self.eager_fn = b.math[self.math_kind]
+            self.compute = torch.compile(self.eager_fn) if compiled else self.eager_fn
+            self.batches = b.make_batches()
+            self.generator = torch.Generator(b.device).manual_seed(spec.training.seed)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the weights: report it
+            self.fail(e)
 
-        result["step_s"] = _summary(steps)
-        result["data_wait_s"] = _summary(waits)
-        result["data_wait_fraction"] = sum(waits) / (sum(waits) + sum(steps))
+    @property
+    def ok(self) -> bool:
+        return self.result["error"] is None
+
+    def fail(self, e: BaseException) -> None:
+        self.result["error"] = _error_text(e)
+        self.close()
+
+    def step(self, batch: torch.Tensor, fn: Optional[Callable[..., dict[str, torch.Tensor]]] = None) -> None:
+        from neuromf.train.loop import train_step
+
+        if self.b.options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        applied, metrics = train_step(self.b.loss, fn or self.compute, self.net, batch, self.generator, self.optimizer,
+                                      self.b.spec, self.b.dtype)
+        self.last["applied"], self.last["metrics"] = applied, metrics
+
+    def warm_up(self) -> None:
+        """The first step (compilation included) and `warmup` more, untimed."""
+        start = time.perf_counter()
+        self.step(self.batches.next_batch())
+        self.b.sync()
+        self.result["first_step_s"] = time.perf_counter() - start
+        self.result["first_step"] = {k: float(v) for k, v in self.last["metrics"].items()}
+        for _ in range(self.b.options.warmup):
+            self.step(self.batches.next_batch())
+        self.b.sync()
+
+    def timed(self, n: int) -> None:
+        clock = StepClock(self.b.device)
+        graphs = _unique_graphs()
+        for _ in range(n):
+            w, s, cpu = clock.iteration(self.batches.next_batch, self.step)
+            self.waits.append(w)
+            self.steps.append(s)
+            if cpu is not None:
+                self.cpu.append(cpu)
+        self.recompiles += _unique_graphs() - graphs
+
+    def memory(self) -> None:
+        """Peak memory of one more step."""
+        meter = MemoryMeter(self.b.device)
+        meter.start()
+        self.step(self.batches.next_batch())
+        self.result.update(meter.stop())
+
+    def count_flops(self) -> None:
+        """Model FLOPs of one step: the eager twin, checkpointing off (recomputation is not model work)."""
+        from neuromf.model.unet import set_gradient_checkpointing
+
+        if self.math_kind not in self.b.flops:
+            set_gradient_checkpointing(self.net, False)
+            batch = self.batches.next_batch()
+            self.b.flops[self.math_kind] = count_flops(lambda: self.step(batch, self.eager_fn))
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+        self.net = self.optimizer = self.compute = self.batches = None
+        gc.collect()
+        if self.b.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run(self, phase: Callable[..., None], *args: Any) -> None:
+        """Run one phase unless the variant already failed; a failure is recorded and frees the variant."""
+        if not self.ok:
+            return
+        try:
+            phase(*args)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+            self.fail(e)
+
+    def finish(self) -> dict[str, Any]:
+        result = self.result
+        if not self.ok:
+            return result
+        result["recompiles_during_timing"] = self.recompiles
+        result["skipped_steps"] = 0 if self.last["applied"] else 1
+        result["step_s"] = _summary(self.steps)
+        result["step_cpu_s"] = _summary(self.cpu) if self.cpu else None
+        result["data_wait_s"] = _summary(self.waits)
+        result["data_wait_fraction"] = sum(self.waits) / (sum(self.waits) + sum(self.steps))
         median = result["step_s"]["median"]
-        result["latents_per_s"] = self.batch_size / median
-        flops = self.flops.get(math_kind)
+        result["latents_per_s"] = self.b.batch_size / median
+        flops = self.b.flops.get(self.math_kind)
         result["flops_per_step"] = flops
-        result["flops_per_latent"] = flops / self.batch_size if flops else None
+        result["flops_per_latent"] = flops / self.b.batch_size if flops else None
+        # the step in units of one forward pass of one latent: ~3 for FM, ~7.5 for our iMF step
+        fwd = self.b.forward_flops_per_latent()
+        result["forward_equivalents_per_latent"] = flops / self.b.batch_size / fwd if flops and fwd else None
         result["achieved_tflops"] = flops / median / 1e12 if flops else None
         return result
+
+
+def run_variants(b: _Bench, names: list[str], steps: int, interleave: bool) -> list[dict[str, Any]]:
+    """Sequential: each variant start to end, then the next (alone in memory). Interleaved: all set up, warmed
+    up, then timed one step each in turn, so a busy shared machine slows them alike."""
+    results = []
+    if not interleave:
+        for name in names:
+            run = _VariantRun(b, name)
+            for phase, args in ((run.warm_up, ()), (run.timed, (steps,)), (run.memory, ()), (run.count_flops, ())):
+                run.run(phase, *args)
+            run.close()
+            results.append(run.finish())
+        return results
+    runs = [_VariantRun(b, name) for name in names]
+    for run in runs:
+        run.run(run.warm_up)
+    for _ in range(steps):
+        for run in runs:
+            run.run(run.timed, 1)
+    for run in runs:
+        run.run(run.memory)
+        run.run(run.count_flops)
+        run.close()
+        results.append(run.finish())
+    return results
 
 
 def _peak(spec: RunSpec, device: torch.device, override: Optional[float]) -> tuple[Optional[float], str]:
@@ -283,7 +380,8 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
             "latent_shape": [spec.model.in_channels, *spec.model.spatial_size], "channels": list(spec.model.channels),
             "num_res_blocks": spec.model.num_res_blocks, "parameters": b.parameters, "precision": tr.precision,
             "gradient_checkpointing": tr.gradient_checkpointing, "channels_last": options.channels_last,
-            "steps": options.steps, "warmup": options.warmup, "data": options.data, "residency": b.residency,
+            "steps": options.steps, "warmup": options.warmup, "interleave": options.interleave, "data": options.data,
+            "residency": b.residency,
             "torch_threads": torch.get_num_threads(),
         },
         "peak_flops": peak,
@@ -291,13 +389,12 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
         "variants": {},
     }
     try:
-        for name in names:
-            res = b.run_variant(name)
+        for res in run_variants(b, names, options.steps, options.interleave):
             if res["error"] is None:
                 res["mfu"] = res["achieved_tflops"] * 1e12 / peak if peak and res["achieved_tflops"] else None
-            out["variants"][name] = res
+            out["variants"][res["name"]] = res
             if options.on_variant:
-                options.on_variant(name, res)
+                options.on_variant(res["name"], res)
         ok = {n: v for n, v in out["variants"].items() if v["error"] is None}
         main = next((n for n in ("compiled" if tr.compile else "eager", "compiled", "eager") if n in ok), next(iter(ok), None))
         if main is not None:

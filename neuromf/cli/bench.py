@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run naive, eager, compiled, fm, fm_compiled on the same inputs and print ratios")
     parser.add_argument("--variants", default=None, metavar="V1,V2",
                         help="comma-separated subset of naive,eager,compiled,fm,fm_compiled (overrides --compare)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the variants one step each in turn (fair comparisons on a busy, shared machine)")
     parser.add_argument("--data", choices=["spec", "synthetic"], default="spec",
                         help="spec: the run-spec's data through the trainer's loader (default); "
                         "synthetic: random latents already on the device (no data needed)")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"benchmarking {', '.join(variants)} ({args.steps} timed steps each)", flush=True)
     options = BenchOptions(
-        steps=args.steps, warmup=args.warmup, variants=variants, data=args.data, channels_last=args.channels_last,
+        steps=args.steps, warmup=args.warmup, variants=variants, data=args.data, channels_last=args.channels_last, interleave=args.interleave,
         peak_tflops=args.peak_tflops, epoch_latents=args.epoch_latents, on_variant=progress,
     )
     out = bench(spec, options)
