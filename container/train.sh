@@ -104,41 +104,25 @@ command -v "$RUNTIME" >/dev/null 2>&1 || die "container runtime '$RUNTIME' not f
 [[ $DRY_RUN == 1 ]] || command -v sbatch >/dev/null 2>&1 || die "sbatch not found: run this on a SLURM login node"
 
 # Read the folders from the resolved run-spec with the image's own neuromf (a parse error stops here).
-SPEC_PATHS_PY='
-import argparse, sys
-from neuromf.errors import UserError
-from neuromf.spec import load_runspec
-p = argparse.ArgumentParser()
-p.add_argument("spec")
-p.add_argument("--set", dest="overrides", action="append", default=[])
-a = p.parse_args()
-try:
-    s = load_runspec(a.spec, a.overrides)
-except UserError as e:
-    sys.exit("\n".join(e.problems))
-info = [s.paths.run_dir, s.paths.results_root or s.paths.run_dir.parent,
-        s.paths.cache_dir or s.paths.run_dir / "cache" / "torchinductor", s.hardware.nodes * s.hardware.gpus_per_node,
-        s.hardware.nodes, s.hardware.gpus_per_node]
-for folder in [s.data.latent_dir, s.data.shard and s.data.shard.parent, s.data.stats_file and s.data.stats_file.parent,
-               s.paths.vae_weights and s.paths.vae_weights.parent, s.model.init_from and s.model.init_from.parent]:
-    if folder is not None and folder.is_dir():
-        info.append(folder)
-for item in info:
-    print("neuromf-info:", item)
-'
 spec_dir=$(dirname "$SPEC")
-if ! out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -c "$SPEC_PATHS_PY" "$SPEC" "${SETS[@]}" 2>&1); then
+if ! out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -m neuromf.spec.launch_info "$SPEC" "${SETS[@]}" 2>&1); then
     mapfile -t problems <<<"$out"
     die "invalid run-spec $SPEC, nothing submitted:" "${problems[@]}"
 fi
-mapfile -t info < <(sed -n 's/^neuromf-info: //p' <<<"$out") # a runtime may print warnings around them
-[[ ${#info[@]} -ge 6 ]] || die "could not read the run-spec's paths through the image:" "$out"
-RUN_DIR=${info[0]}
-RESULTS=${RESULTS:-${info[1]}}
-CACHE_DIR=${info[2]}
-N_GPUS=${info[3]}
-NODES=${info[4]}
-GPUS_PER_NODE=${info[5]}
+declare -A INFO=()
+READS=()
+while IFS= read -r line; do # only the marked lines: a runtime may print warnings around them
+    [[ $line =~ ^neuromf-([a-z_]+):\ (.*)$ ]] || continue
+    if [[ ${BASH_REMATCH[1]} == bind ]]; then READS+=("${BASH_REMATCH[2]}"); else INFO[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}; fi
+done <<<"$out"
+[[ ${INFO[nodes]:-} =~ ^[0-9]+$ && ${INFO[gpus_per_node]:-} =~ ^[0-9]+$ && -n ${INFO[cache_dir]:-} ]] ||
+    die "could not read the run-spec's paths through the image:" "$out"
+RUN_DIR=${INFO[run_dir]}
+RESULTS=${RESULTS:-${INFO[results_root]}}
+CACHE_DIR=${INFO[cache_dir]}
+NODES=${INFO[nodes]}
+GPUS_PER_NODE=${INFO[gpus_per_node]}
+N_GPUS=$((NODES * GPUS_PER_NODE))
 [[ $GRES == default ]] && GRES=gpu:$GPUS_PER_NODE
 [[ -n $SIGNAL ]] || { [[ $N_GPUS -gt 1 ]] && SIGNAL=USR2 || SIGNAL=USR1; }
 LOG_DIR=$RESULTS/phase_4/logs
@@ -146,7 +130,7 @@ LOG_DIR=$RESULTS/phase_4/logs
 # Outputs are created here, on the login node, so the job's binds and log files have somewhere to go.
 mkdir -p "$RUN_DIR" "$CACHE_DIR" "$LOG_DIR" || die "cannot create $RUN_DIR, $CACHE_DIR or $LOG_DIR"
 binds=(--bind "$spec_dir" --bind "$RUN_DIR" --bind "$CACHE_DIR")
-for folder in "${info[@]:6}"; do binds+=(--bind "$folder"); done
+for folder in "${READS[@]}"; do binds+=(--bind "$folder"); done
 if ! report=$("$RUNTIME" exec "${binds[@]}" "$SIF" neuromf validate "$SPEC" "${SETS[@]}" --check-paths 2>&1); then
     mapfile -t problems <<<"$report"
     die "invalid run-spec $SPEC, nothing submitted:" "${problems[@]}"

@@ -114,43 +114,24 @@ fi
 
 # The folders the run reads and writes, read from the resolved run-spec by the image's own neuromf. Every folder is
 # bound at its own path, so the paths in the run-spec mean the same inside the container.
-SPEC_PATHS_PY='
-import argparse, sys
-from pathlib import Path
-from neuromf.errors import UserError
-from neuromf.spec import load_runspec
-p = argparse.ArgumentParser()
-p.add_argument("spec")
-p.add_argument("--set", dest="overrides", action="append", default=[])
-a = p.parse_args()
-try:
-    s = load_runspec(a.spec, a.overrides)
-except UserError as e:
-    sys.exit("\n".join(e.problems))
-run_dir = s.paths.run_dir
-cache = s.paths.cache_dir or run_dir / "cache" / "torchinductor"
-shard = s.data.shard or run_dir / "data" / "latents.h5"
-folders = [run_dir, cache, shard.parent]
-for folder in [Path(a.spec).resolve().parent, s.data.latent_dir, s.data.stats_file and s.data.stats_file.parent,
-               s.paths.vae_weights and s.paths.vae_weights.parent, s.model.init_from and s.model.init_from.parent]:
-    if folder is not None and Path(folder).is_dir():
-        folders.append(folder)
-for folder in folders:
-    print("neuromf-path:", folder)
-print("neuromf-gpus:", s.hardware.nodes, s.hardware.gpus_per_node)
-'
 spec_dir=$(cd "$(dirname "$SPEC")" && pwd)
-if ! paths_out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -c "$SPEC_PATHS_PY" "$SPEC" "${SETS[@]}" 2>&1); then
-    mapfile -t problems <<<"$paths_out"
+if ! out=$("$RUNTIME" exec --bind "$spec_dir" "$SIF" python -m neuromf.spec.launch_info "$SPEC" "${SETS[@]}" 2>&1); then
+    mapfile -t problems <<<"$out"
     fail 2 "${problems[@]}"
 fi
-# Only the marked lines: a runtime may print its own warnings on the same streams.
-mapfile -t folders < <(sed -n 's/^neuromf-path: //p' <<<"$paths_out")
-[[ ${#folders[@]} -ge 3 ]] || fail 2 "could not read the paths of the run-spec through the image:" "$paths_out"
-RUN_DIR=${folders[0]}
-CACHE_DIR=${folders[1]}
-read -r NODES GPUS_PER_NODE < <(sed -n 's/^neuromf-gpus: //p' <<<"$paths_out")
-[[ ${NODES:-} =~ ^[0-9]+$ && ${GPUS_PER_NODE:-} =~ ^[0-9]+$ ]] || fail 2 "could not read hardware.nodes/gpus_per_node through the image:" "$paths_out"
+declare -A INFO=()
+folders=()
+while IFS= read -r line; do # only the marked lines: a runtime may print its own warnings on the same streams
+    [[ $line =~ ^neuromf-([a-z_]+):\ (.*)$ ]] || continue
+    if [[ ${BASH_REMATCH[1]} == bind ]]; then folders+=("${BASH_REMATCH[2]}"); else INFO[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}; fi
+done <<<"$out"
+[[ ${INFO[nodes]:-} =~ ^[0-9]+$ && ${INFO[gpus_per_node]:-} =~ ^[0-9]+$ && -n ${INFO[shard_dir]:-} ]] ||
+    fail 2 "could not read the paths of the run-spec through the image:" "$out"
+RUN_DIR=${INFO[run_dir]}
+CACHE_DIR=${INFO[cache_dir]}
+NODES=${INFO[nodes]}
+GPUS_PER_NODE=${INFO[gpus_per_node]}
+folders+=("$RUN_DIR" "$CACHE_DIR" "${INFO[shard_dir]}") # written by the run: bound too
 N_TASKS=$((NODES * GPUS_PER_NODE))
 LAUNCH=() # nothing for one GPU; srun with one task per GPU for several
 if [[ $N_TASKS -gt 1 ]]; then
@@ -165,7 +146,7 @@ if [[ $N_TASKS -gt 1 ]]; then
     export MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
     export APPTAINERENV_MASTER_ADDR=$MASTER_ADDR APPTAINERENV_MASTER_PORT=$MASTER_PORT
 fi
-mkdir -p "$RUN_DIR" "$CACHE_DIR" "${folders[2]}" || fail 2 "cannot create the run folder $RUN_DIR or cache $CACHE_DIR"
+mkdir -p "$RUN_DIR" "$CACHE_DIR" "${INFO[shard_dir]}" || fail 2 "cannot create the run folder $RUN_DIR or cache $CACHE_DIR"
 
 RT_OPTS=()
 [[ ${NEUROMF_NV:-1} == 1 ]] && RT_OPTS+=(--nv)

@@ -204,6 +204,12 @@ def test_validate_summary_counts_steps_when_data_is_known(capsys: pytest.Capture
     assert "steps per epoch" in out and "latents ->" in out
 
 
+def test_validate_summary_splits_the_global_batch_over_gpus_and_accumulation(capsys: pytest.CaptureFixture) -> None:
+    args = ["--set", "training.batch_size=24", "--set", "training.accumulate_grad_batches=3", "--set", "hardware.gpus_per_node=2"]
+    assert main(["validate", str(SHIPPED[0]), *args]) == 0
+    assert "24 latents per optimizer step = 2 GPUs x 3 accumulated x micro-batch 4" in capsys.readouterr().out
+
+
 def test_batch_larger_than_the_data_is_caught_before_training(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(SHIPPED[0]), "--set", "training.batch_size=512"]) == 2
     assert "training.batch_size: 512 is larger than the training split" in capsys.readouterr().err

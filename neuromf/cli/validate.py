@@ -114,11 +114,12 @@ def summary_lines(spec: RunSpec) -> list[str]:
         lines.append(f"  model:          {count_parameters(spec) / 1e6:.2f} M parameters, prediction {spec.model.prediction_type}")
     except ImportError:
         pass
+    gpus = spec.hardware.nodes * spec.hardware.gpus_per_node
+    per_gpu = t.batch_size // (gpus * t.accumulate_grad_batches)
     lines.append(
-        f"  batch:          {t.batch_size} latents per optimizer step "
-        f"({t.accumulate_grad_batches} x {t.micro_batch_size}) x {spec.hardware.nodes * spec.hardware.gpus_per_node} GPU(s)"
-        if spec.hardware.nodes * spec.hardware.gpus_per_node > 1
-        else f"  batch:          {t.batch_size} latents per optimizer step ({t.accumulate_grad_batches} x {t.micro_batch_size})"
+        f"  batch:          {t.batch_size} latents per optimizer step = "
+        + (f"{gpus} GPUs x " if gpus > 1 else "")
+        + f"{t.accumulate_grad_batches} accumulated x micro-batch {per_gpu}"
     )
     n = count_latents(spec)
     if n is not None:

@@ -69,7 +69,7 @@ def write_samples(
     from neuromf.evaluation.jsonio import to_json
     from neuromf.evaluation.runs import latent_stats_for
     from neuromf.model.vae import decode_with, loaded_vae
-    from neuromf.train.samples import _nifti_bytes, sample_paths, volume_grid
+    from neuromf.train.samples import nifti_bytes, sample_paths, volume_grid
 
     if n < 1:
         raise UserError(f"--n {n}: must be at least 1")
@@ -101,7 +101,7 @@ def write_samples(
                 if save_volumes:
                     keys = [key for key in paths[k] if key.startswith("sample_")][start : start + raw.shape[0]]
                     for i, key in enumerate(keys):
-                        atomic_write_bytes(paths[k][key], _nifti_bytes(volumes[i].numpy(), affine))
+                        atomic_write_bytes(paths[k][key], nifti_bytes(volumes[i].numpy(), affine))
                 if start < grid_n:
                     grid[k].append(volumes[: grid_n - start].clone())
             bar.update(next(iter(by_nfe.values())).shape[0])

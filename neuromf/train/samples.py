@@ -127,7 +127,7 @@ def volume_grid(
     return canvas
 
 
-def _nifti_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
+def nifti_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
     """A gzipped single-file NIfTI-1 of a (C, X, Y, Z) float array."""
     import nibabel as nib
 
@@ -179,5 +179,5 @@ def write_sample_set(
         data = volumes.detach().to(device="cpu", dtype=torch.float32).numpy()
         sample_keys = [k for k in paths if k.startswith("sample_")]
         for i, key in enumerate(sample_keys):
-            atomic_write_bytes(paths[key], _nifti_bytes(data[i], matrix))
+            atomic_write_bytes(paths[key], nifti_bytes(data[i], matrix))
     return paths
