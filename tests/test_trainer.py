@@ -206,6 +206,14 @@ def test_short_run_writes_documented_outputs(latent_dir: Path, tmp_path: Path) -
     assert [h["epoch"] for h in state["loss_history"]["train"]] == [1, 2]
     assert len(state["loss_history"]["val"]) == 3
 
+    # Run again with --resume auto (a second `make demo`, a requeue after the end): nothing more is done or written.
+    log_before = (run_dir / "training_log.jsonl").read_text()
+    assert train(tiny_spec(latent_dir, run_dir), resume="auto") == 0
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_2", "epoch_3"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts
+    assert (run_dir / "training_log.jsonl").read_text().startswith(log_before)
+    assert not [r for r in read_log(run_dir)[len(log):] if "val/mse_total" in r or "train/loss_total" in r]
+
 
 def test_resume_auto_without_checkpoint_starts_fresh(latent_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run"), resume="auto")

@@ -65,6 +65,7 @@ class Progress:
     bad_steps: int = 0
     consecutive_bad: int = 0
     best_val: float = math.inf
+    finished: bool = False  # the final validation, samples and checkpoint are done: a resume has nothing to do
     history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "val": []})
 
 
@@ -279,6 +280,11 @@ class Trainer:
     def run(self) -> int:
         spec, p = self.spec, self.progress
         log_every = spec.logging.log_every_n_steps
+        if p.finished and p.global_step >= self.total_steps and not self.dry_run:
+            self.log.say(f"{spec.name} already finished at step {p.global_step} (raise training.max_steps to train longer); "
+                         f"samples in {spec.paths.run_dir / 'samples'}")
+            self.log.close()
+            return 0
         self.log.say(f"training {spec.name}: {self.total_steps} steps, {self.steps_per_epoch} per epoch, on {self.device}")
         window_t0, window_samples, epoch_sums, epoch_n = time.perf_counter(), 0, {}, 0
         epoch_done = False
@@ -356,6 +362,7 @@ class Trainer:
             self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
         if self.dist.is_main and (final or epoch % spec.sampling.every_n_epochs == 0):
             self._samples(epoch)  # the other ranks go on and wait in the next step's all-reduce
+        self.progress.finished = final
         self.save_latest()
 
     def _validate(self, epoch: int) -> None:
