@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from neuromf.errors import UserError
+
 
 @contextmanager
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
@@ -45,3 +47,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def writable_folder(path: Path) -> bool:
+    """True if `path` is a writable folder or could be created as one."""
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+    return False
+
+
+def check_output(path: Path, option: str, *, folder: bool = False) -> None:
+    """Refuse an output (file, or `folder`) that cannot be written, before any long work: UserError naming `option`."""
+    if not folder and path.is_dir():
+        raise UserError(f"{option}: {path} is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{option}: {path} exists and is not a folder")
+    if not writable_folder(path if folder else path.parent):
+        raise UserError(f"{option}: cannot write {path} (a parent is not a folder, or is not writable)")

@@ -90,6 +90,11 @@ def test_cli_bench_bad_micro_batch_is_a_user_error(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
     res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--variants", "eager,fast", cwd=tmp_path)
     assert res.returncode == 2 and "--variants: unknown fast" in res.stderr
+    # An output that cannot be written is refused before any benchmarking, not after.
+    (tmp_path / "a_file").write_text("x")
+    res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--json", str(tmp_path / "a_file" / "out.json"), cwd=tmp_path)
+    assert res.returncode == 2 and f"--json: cannot write {tmp_path / 'a_file' / 'out.json'}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "benchmarking" not in res.stdout
 
 
 def _tiny_spec(tmp_path: Path, *extra: str) -> Any:

@@ -56,10 +56,13 @@ def _batch_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from neuromf.atomic import check_output
     from neuromf.bench import VARIANTS, BenchOptions, bench, default_variants, format_table, write_json
     from neuromf.errors import UserError
     from neuromf.spec import load_runspec
 
+    if args.json_out:
+        check_output(Path(args.json_out), "--json")  # before minutes of benchmarking, not after
     spec = load_runspec(args.spec, [*args.overrides, *_batch_overrides(args)])
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]

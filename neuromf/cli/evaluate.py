@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from neuromf.atomic import atomic_write_text
+    from neuromf.atomic import atomic_write_text, check_output
     from neuromf.errors import UserError
     from neuromf.evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_summary, resolve_device
     from neuromf.evaluation.jsonio import to_json
@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     resolve_device(args.device)
+    if args.json_out:
+        check_output(Path(args.json_out), "--json")  # before the evaluation, not after
+    if args.out:
+        check_output(Path(args.out), "--out", folder=True)
     loaded = load_for_eval(Path(args.target))
     options = EvalOptions(n=args.n, nfe=args.nfe, seed=args.seed, reference=args.reference, batch_size=args.batch_size,
                           device=args.device, progress=not args.no_progress)

@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from neuromf.atomic import check_output
     from neuromf.errors import UserError
     from neuromf.evaluation.evaluate import resolve_device
     from neuromf.evaluation.runs import load_for_eval
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     device = resolve_device(args.device)
+    check_output(Path(args.out), "--out", folder=True)
     loaded = load_for_eval(Path(args.checkpoint))
     nfes = args.nfe or loaded.spec.sampling.nfe
     written = write_samples(

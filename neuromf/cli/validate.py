@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Optional
 
+from neuromf.atomic import writable_folder
 from neuromf.spec.schema import RunSpec
 
 
@@ -20,14 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check-device", action="store_true", help="also check that the requested device and precision are usable here"
     )
-
-
-def _writable(path: Path) -> bool:
-    """True if `path` is a writable folder or could be created as one."""
-    for candidate in [path, *path.parents]:
-        if candidate.exists():
-            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
-    return False
 
 
 def path_problems(spec: RunSpec) -> list[str]:
@@ -52,9 +44,9 @@ def path_problems(spec: RunSpec) -> list[str]:
         elif not spec.paths.vae_weights.is_file():
             problems.append(f"paths.vae_weights: {spec.paths.vae_weights} does not exist")
     for field, folder in [("paths.run_dir", spec.paths.run_dir), ("paths.cache_dir", spec.paths.cache_dir)]:
-        if folder is not None and not _writable(folder):
+        if folder is not None and not writable_folder(folder):
             problems.append(f"{field}: {folder} is not writable")
-    if data.shard is not None and not shard_present and not _writable(data.shard.parent):
+    if data.shard is not None and not shard_present and not writable_folder(data.shard.parent):
         problems.append(f"data.shard: cannot write {data.shard} (folder not writable)")
     return problems
 
