@@ -220,15 +220,15 @@ class Trainer:
             raise UserError(f"--resume: {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
     def checkpoint_state(self) -> dict[str, Any]:
-        model_state = self.net.state_dict()
+        model_state, ema_state = self.net.state_dict(), self.ema.state_dict()
         assert_finite(model_state, "model")
-        assert_finite(self.ema.state_dict(), "ema")
+        assert_finite(ema_state, "ema")
         return {
             "format": FORMAT,
             "epoch": self.progress.epoch,
             "global_step": self.progress.global_step,
             "model_state_dict": model_state,
-            "ema_state_dict": self.ema.state_dict(),
+            "ema_state_dict": ema_state,
             "ema_all": self.ema.full_state_dict(),
             "optimizer_state_dict": self.optimizer.state_dict(),
             "scheduler_state_dict": self.scheduler.state_dict(),
