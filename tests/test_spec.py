@@ -222,3 +222,23 @@ def test_every_verb_has_help() -> None:
     assert verbs == ["validate", "show", "schema"]
     for verb in verbs:
         assert run_cli(verb, "--help").returncode == 0
+
+
+def test_launch_info_prints_what_the_slurm_scripts_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from neuromf.spec.launch_info import main as launch_info
+
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    args = [str(SHIPPED[0]), "--set", f"paths.run_dir={tmp_path / 'run'}", "--set", "data.source=shard",
+            "--set", f"data.latent_dir={latents}", "--set", "hardware.gpus_per_node=2"]
+    assert launch_info(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    info = dict(line.split(": ", 1) for line in lines if not line.startswith("neuromf-bind:"))
+    binds = [line.split(": ", 1)[1] for line in lines if line.startswith("neuromf-bind:")]
+    assert info["neuromf-run_dir"] == str(tmp_path / "run")
+    assert info["neuromf-cache_dir"] == str(tmp_path / "run" / "cache" / "torchinductor")
+    assert info["neuromf-shard_dir"] == str(tmp_path / "run" / "data")
+    assert (info["neuromf-nodes"], info["neuromf-gpus_per_node"]) == ("1", "2")
+    assert binds == [str(SHIPPED[0].parent), str(latents)]  # existing inputs only: the shard's folder is not there yet
+    assert launch_info([str(SHIPPED[0]), "--set", "training.lr=fast"]) == 2
+    assert capsys.readouterr().err.startswith("training.lr: ")
