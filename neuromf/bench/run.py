@@ -346,7 +346,9 @@ def _peak(spec: RunSpec, device: torch.device, override: Optional[float]) -> tup
 
 def _projection(spec: RunSpec, variant: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
     """Wall time of the run's training steps at this step time (no validation, samples or checkpoints)."""
-    total = spec.training.max_steps or spec.training.max_epochs * steps_per_epoch
+    from neuromf.train.loop import total_steps
+
+    total = total_steps(spec, steps_per_epoch)
     per_step = variant["step_s"]["median"] + variant["data_wait_s"]["median"]
     return {
         "variant": variant["name"], "steps_per_epoch": steps_per_epoch, "max_epochs": spec.training.max_epochs,
