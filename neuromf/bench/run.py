@@ -125,7 +125,7 @@ class _Bench:
         from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.meanflow.reference import flow_matching_loss, naive_imf_loss
         from neuromf.model.unet import build_network, count_parameters
-        from neuromf.train.loop import autocast_dtype, configure_torch, pick_device
+        from neuromf.train.runtime import autocast_dtype, configure_torch, pick_device
 
         self.spec, self.options = spec, options
         self.device = pick_device(spec)
@@ -227,7 +227,7 @@ class _VariantRun:
         self.close()
 
     def step(self, batch: torch.Tensor, fn: Optional[Callable[..., dict[str, torch.Tensor]]] = None) -> None:
-        from neuromf.train.loop import train_step
+        from neuromf.train.step import train_step
 
         if self.b.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
@@ -346,7 +346,7 @@ def _peak(spec: RunSpec, device: torch.device, override: Optional[float]) -> tup
 
 def _projection(spec: RunSpec, variant: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
     """Wall time of the run's training steps at this step time (no validation, samples or checkpoints)."""
-    from neuromf.train.loop import total_steps
+    from neuromf.train.runtime import total_steps
 
     total = total_steps(spec, steps_per_epoch)
     per_step = variant["step_s"]["median"] + variant["data_wait_s"]["median"]

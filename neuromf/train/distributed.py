@@ -198,12 +198,9 @@ class Dist:
 
 
 def _device_for(spec: RunSpec, launch: Launch) -> torch.device:
-    wanted = spec.hardware.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise UserError("hardware.device: 'cuda' requested but no CUDA GPU is visible")
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cpu":
+    from neuromf.train.runtime import pick_device
+
+    if pick_device(spec).type == "cpu":
         return torch.device("cpu")
     if launch.world_size == 1:
         return torch.device("cuda")  # the current device, as a single-GPU run always had it

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, captu
 from neuromf.train.distributed import is_collective_error, setup_distributed
 from neuromf.train.ema import EMA
 from neuromf.train.run_log import RunLog
+from neuromf.train.runtime import autocast_dtype, configure_torch, total_steps
 from neuromf.train.schedule import build_optimizer, build_scheduler
 from neuromf.train.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
 from neuromf.train.step import ComputeFn, chunk_generator, train_step, validation_losses
@@ -67,42 +67,6 @@ class Progress:
     best_val: float = math.inf
     finished: bool = False  # the final validation, samples and checkpoint are done: a resume has nothing to do
     history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "val": []})
-
-
-# ---------------------------------------------------------------- set-up
-
-
-def pick_device(spec: RunSpec) -> torch.device:
-    wanted = spec.hardware.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise UserError("hardware.device: 'cuda' requested but no CUDA GPU is visible")
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(wanted)
-
-
-def configure_torch(spec: RunSpec, device: torch.device) -> None:
-    if spec.hardware.num_threads:
-        torch.set_num_threads(spec.hardware.num_threads)
-    if spec.paths.cache_dir is not None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(spec.paths.cache_dir))
-    torch.manual_seed(spec.training.seed)
-    if spec.training.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast_dtype(spec: RunSpec, device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if spec.training.precision == "bf16" else None
-
-
-def total_steps(spec: RunSpec, steps_per_epoch: int) -> int:
-    return spec.training.max_steps or steps_per_epoch * spec.training.max_epochs
 
 
 class _SilentLog:
