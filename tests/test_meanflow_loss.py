@@ -19,6 +19,7 @@ from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.meanflow.reference import naive_imf_loss  # noqa: F401  (the memory child imports it from here)
 from neuromf.meanflow.time_sampler import num_flow_matching
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
+from neuromf.train.compile import FoldZeroTangentProducts
 
 SHAPE = (4, 16, 16, 16)
 SMALL = (4, 8, 8, 8)  # fp64 checks: the tiny UNet still works at 8^3 (its deepest level is 1^3)
@@ -251,7 +252,7 @@ def test_non_finite_input_is_a_named_error(bad: float) -> None:
 
 @pytest.mark.slow
 def test_torch_compile_of_the_loss_step_matches_eager(tmp_path: Path) -> None:
-    """torch.compile of the whole step (including torch.func.jvp) works on CPU and matches eager."""
+    """torch.compile of the whole step (torch.func.jvp and FoldZeroTangentProducts included) works on CPU and matches eager."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     # two levels (GroupNorm, ResBlocks, resblock up/down sampling, attention) keep the cold compile short
     net = tiny_net(channels=[8, 16], attention_levels=[False, True], num_head_channels=[0, 16], spatial_size=(8, 8, 8))
@@ -266,12 +267,17 @@ def test_torch_compile_of_the_loss_step_matches_eager(tmp_path: Path) -> None:
     eager = step(z0, e, t, r)
     g_eager = grads(net)
     net.zero_grad(set_to_none=True)
-    compiled = torch.compile(step)
+    # The trainer's compile (compile_loss), with the pass's counter in view and Inductor's caches off:
+    # a cached graph would skip the pass.
+    fold = FoldZeroTangentProducts()
+    compiled = torch.compile(step, options={"post_grad_custom_pre_pass": fold})
     out: Optional[dict[str, torch.Tensor]] = None
-    for _ in range(2):  # a second call must reuse the compiled graph
-        net.zero_grad(set_to_none=True)
-        out = compiled(z0, e, t, r)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        for _ in range(2):  # a second call must reuse the compiled graph
+            net.zero_grad(set_to_none=True)
+            out = compiled(z0, e, t, r)
     assert out is not None
+    assert fold.folded > 0  # the JVP's zero weight-tangent convolutions and matmuls were dropped
     for k in eager:
         assert torch.allclose(out[k], eager[k], rtol=1e-4, atol=1e-6), (k, out[k], eager[k])
     num = sum(float((a - b).norm() ** 2) for a, b in zip(grads(net), g_eager)) ** 0.5
