@@ -27,31 +27,20 @@ other variants' weights and optimizer states (its per-step peaks do not).
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import functools
-import gc
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
-from neuromf.bench.measure import MemoryMeter, StepClock, count_flops, describe_device, peak_flops, versions
+from neuromf.bench.measure import count_flops, describe_device, peak_flops, versions
+from neuromf.bench.variant import VARIANTS, run_variants
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 
-__all__ = ["BenchOptions", "VARIANTS", "bench", "default_variants"]
+__all__ = ["BenchOptions", "BenchSetup", "bench", "default_variants"]
 
-VARIANTS: dict[str, str] = {
-    "naive": "naive iMF reference: whole-batch graph-building torch.func.jvp, eager",
-    "eager": "our iMF step: no-grad JVP on the r != t rows + two gradient passes, eager",
-    "compiled": "our iMF step, torch.compile",
-    "fm": "plain flow-matching step of the same network (the floor), eager",
-    "fm_compiled": "plain flow-matching step, torch.compile",
-}
-# Latents per epoch assumed with synthetic data: the seed's Picasso plan, 45 steps of 24.
 SYNTHETIC_EPOCH_LATENTS = 1080
 
 
@@ -94,32 +83,9 @@ class _SyntheticBatches:
         self._pool = []
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "median": statistics.median(values),
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "all": values,
-    }
 
-
-def _unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def _error_text(e: BaseException) -> str:
-    if isinstance(e, torch.OutOfMemoryError):
-        return "out of memory"
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{type(e).__name__}: {first}"
-
-
-class _Bench:
-    """The shared set-up (device, data, base network, loss functions) and one method per variant."""
+class BenchSetup:
+    """What the variants share: device, data, the base network, the loss functions and FLOP counts."""
 
     def __init__(self, spec: RunSpec, options: BenchOptions) -> None:
         from neuromf.meanflow.loss import MeanFlowLoss
@@ -171,171 +137,9 @@ class _Bench:
                 self.flops["forward"] = count_flops(lambda: self.base(x, t, t)) // self.micro
         return self.flops["forward"]
 
-    @staticmethod
-    def kind(name: str) -> tuple[str, bool]:
-        """(the loss maths, compiled?) of a variant."""
-        return {"naive": ("naive", False), "eager": ("imf", False), "compiled": ("imf", True),
-                "fm": ("fm", False), "fm_compiled": ("fm", True)}[name]
-
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-
-class _VariantRun:
-    """One variant: its copy of the network, optimizer, (compiled) loss, batch iterator, generator and timings."""
-
-    def __init__(self, b: _Bench, name: str) -> None:
-        from neuromf.model.unet import set_gradient_checkpointing
-        from neuromf.train.schedule import build_optimizer
-
-        self.b, self.name = b, name
-        spec, opt = b.spec, b.options
-        self.math_kind, compiled = b.kind(name)
-        # Checkpointing inside the naive step's graph-building JVP raises; it is the gradient passes' option.
-        ckpt = spec.training.gradient_checkpointing and name != "naive"
-        self.result: dict[str, Any] = {"name": name, "description": VARIANTS[name], "compiled": compiled,
-                                       "gradient_checkpointing": ckpt, "channels_last": opt.channels_last, "error": None}
-        self.waits: list[float] = []
-        self.steps: list[float] = []
-        self.cpu: list[float] = []  # CPU seconds per step (CPU devices only)
-        self.recompiles = 0
-        self.last: dict[str, Any] = {}
-        self.net: Any = None
-        self.batches: Any = None
-        try:
-            self.net = copy.deepcopy(b.base)
-            if opt.channels_last:
-                self.net = self.net.to(memory_format=torch.channels_last_3d)
-            set_gradient_checkpointing(self.net, ckpt)
-            self.net.train()
-            self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, b.device)
-            self.eager_fn = b.math[self.math_kind]
-            self.compute = torch.compile(self.eager_fn) if compiled else self.eager_fn
-            self.batches = b.make_batches()
-            self.generator = torch.Generator(b.device).manual_seed(spec.training.seed)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the weights: report it
-            self.fail(e)
-
-    @property
-    def ok(self) -> bool:
-        return self.result["error"] is None
-
-    def fail(self, e: BaseException) -> None:
-        self.result["error"] = _error_text(e)
-        self.close()
-
-    def step(self, batch: torch.Tensor, fn: Optional[Callable[..., dict[str, torch.Tensor]]] = None) -> None:
-        from neuromf.train.step import train_step
-
-        if self.b.options.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        applied, metrics = train_step(self.b.loss, fn or self.compute, self.net, batch, self.generator, self.optimizer,
-                                      self.b.spec, self.b.dtype)
-        self.last["applied"], self.last["metrics"] = applied, metrics
-
-    def warm_up(self) -> None:
-        """The first step (compilation included) and `warmup` more, untimed."""
-        start = time.perf_counter()
-        self.step(self.batches.next_batch())
-        self.b.sync()
-        self.result["first_step_s"] = time.perf_counter() - start
-        self.result["first_step"] = {k: float(v) for k, v in self.last["metrics"].items()}
-        for _ in range(self.b.options.warmup):
-            self.step(self.batches.next_batch())
-        self.b.sync()
-
-    def timed(self, n: int) -> None:
-        clock = StepClock(self.b.device)
-        graphs = _unique_graphs()
-        for _ in range(n):
-            w, s, cpu = clock.iteration(self.batches.next_batch, self.step)
-            self.waits.append(w)
-            self.steps.append(s)
-            if cpu is not None:
-                self.cpu.append(cpu)
-        self.recompiles += _unique_graphs() - graphs
-
-    def memory(self) -> None:
-        """Peak memory of one more step."""
-        meter = MemoryMeter(self.b.device)
-        meter.start()
-        self.step(self.batches.next_batch())
-        self.result.update(meter.stop())
-
-    def count_flops(self) -> None:
-        """Model FLOPs of one step: the eager twin, checkpointing off (recomputation is not model work)."""
-        from neuromf.model.unet import set_gradient_checkpointing
-
-        if self.math_kind not in self.b.flops:
-            set_gradient_checkpointing(self.net, False)
-            batch = self.batches.next_batch()
-            self.b.flops[self.math_kind] = count_flops(lambda: self.step(batch, self.eager_fn))
-
-    def close(self) -> None:
-        if self.batches is not None:
-            self.batches.close()
-        self.net = self.optimizer = self.compute = self.batches = None
-        gc.collect()
-        if self.b.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def run(self, phase: Callable[..., None], *args: Any) -> None:
-        """Run one phase unless the variant already failed; a failure is recorded and frees the variant."""
-        if not self.ok:
-            return
-        try:
-            phase(*args)
-        except Exception as e:  # noqa: BLE001 - report and go on with the other variants
-            self.fail(e)
-
-    def finish(self) -> dict[str, Any]:
-        result = self.result
-        if not self.ok:
-            return result
-        result["recompiles_during_timing"] = self.recompiles
-        result["skipped_steps"] = 0 if self.last["applied"] else 1
-        result["step_s"] = _summary(self.steps)
-        result["step_cpu_s"] = _summary(self.cpu) if self.cpu else None
-        result["data_wait_s"] = _summary(self.waits)
-        result["data_wait_fraction"] = sum(self.waits) / (sum(self.waits) + sum(self.steps))
-        median = result["step_s"]["median"]
-        result["latents_per_s"] = self.b.batch_size / median
-        flops = self.b.flops.get(self.math_kind)
-        result["flops_per_step"] = flops
-        result["flops_per_latent"] = flops / self.b.batch_size if flops else None
-        # the step in units of one forward pass of one latent: ~3 for FM, ~7.5 for our iMF step
-        fwd = self.b.forward_flops_per_latent()
-        result["forward_equivalents_per_latent"] = flops / self.b.batch_size / fwd if flops and fwd else None
-        result["achieved_tflops"] = flops / median / 1e12 if flops else None
-        return result
-
-
-def run_variants(b: _Bench, names: list[str], steps: int, interleave: bool) -> list[dict[str, Any]]:
-    """Sequential: each variant start to end, then the next (alone in memory). Interleaved: all set up, warmed
-    up, then timed one step each in turn, so a busy shared machine slows them alike."""
-    results = []
-    if not interleave:
-        for name in names:
-            run = _VariantRun(b, name)
-            for phase, args in ((run.warm_up, ()), (run.timed, (steps,)), (run.memory, ()), (run.count_flops, ())):
-                run.run(phase, *args)
-            run.close()
-            results.append(run.finish())
-        return results
-    runs = [_VariantRun(b, name) for name in names]
-    for run in runs:
-        run.run(run.warm_up)
-    for _ in range(steps):
-        for run in runs:
-            run.run(run.timed, 1)
-    for run in runs:
-        run.run(run.memory)
-        run.run(run.count_flops)
-        run.close()
-        results.append(run.finish())
-    return results
 
 
 def _peak(spec: RunSpec, device: torch.device, override: Optional[float]) -> tuple[Optional[float], str]:
@@ -368,7 +172,7 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
         raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if options.steps < 1 or options.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
-    b = _Bench(spec, options)
+    b = BenchSetup(spec, options)
     peak, peak_source = _peak(spec, b.device, options.peak_tflops)
     tr = spec.training
     out: dict[str, Any] = {
