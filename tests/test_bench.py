@@ -46,9 +46,10 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
     sets = [a for s in [*TINY_16, f"paths.run_dir={tmp_path / 'run'}"] for a in ("--set", s)]
     out = tmp_path / "res" / "bench.json"
     res = _cli("bench", str(DEMO), *sets, "--steps", "2", "--warmup", "0", "--batch", "4",
-               "--variants", "naive,eager,fm", "--json", str(out), cwd=tmp_path)
+               "--variants", "naive,eager,fm", "--profile", "3", "--json", str(out), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "speedup_eager_vs_naive" in res.stdout and "1st grad norm" in res.stdout
+    assert "eager: the ops with the most self time in one step" in res.stdout
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # written whole, no temporary left
     r = json.loads(out.read_text())
     assert TOP_FIELDS <= set(r), TOP_FIELDS - set(r)
@@ -66,6 +67,10 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
         assert v["peak_step_bytes"] > 1e6 and v["peak_total_bytes"] > v["peak_step_bytes"]
         assert v["flops_per_step"] > 1e9 and v["mfu"] is None  # no peak table for a CPU
         assert v["recompiles_during_timing"] == 0
+        prof = v["profile"]  # --profile 3: the three ops with the most self time, the largest first
+        assert len(prof) == 3 and set(prof[0]) == {"name", "calls", "self_ms", "share"}
+        assert prof[0]["self_ms"] >= prof[1]["self_ms"] >= prof[2]["self_ms"] > 0 and 0 < sum(k["share"] for k in prof) <= 1
+        assert any("convolution" in k["name"] for k in prof), prof  # a UNet step is mostly convolutions
     eager, naive, fm = (r["variants"][k] for k in ("eager", "naive", "fm"))
     # FLOPs: batch 4 has 1 r = t row; FM = 3 forward-equivalents x 4, iMF adds 3 (JVP) + 3 (pass 2) x 3 rows: 2.5x
     assert eager["flops_per_step"] / fm["flops_per_step"] == pytest.approx(2.5, rel=0.05)
@@ -91,6 +96,8 @@ def test_cli_bench_bad_micro_batch_is_a_user_error(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
     res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--variants", "eager,fast", cwd=tmp_path)
     assert res.returncode == 2 and "--variants: unknown fast" in res.stderr
+    res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--profile", "-1", cwd=tmp_path)
+    assert res.returncode == 2 and "--profile: -1 must be >= 0" in res.stderr
     # An output that cannot be written is refused before any benchmarking, not after.
     (tmp_path / "a_file").write_text("x")
     res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--json", str(tmp_path / "a_file" / "out.json"), cwd=tmp_path)

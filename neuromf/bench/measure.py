@@ -110,6 +110,30 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def top_kernels(fn: Callable[[], Any], device: torch.device, top: int) -> list[dict[str, Any]]:
+    """The `top` ops with the most self time in one call of `fn` (torch.profiler; GPU kernel time on CUDA).
+
+    Self time is an op's own time without the ops it calls, so the shares add up to at most 1.
+    On a CPU it is CPU time (an ATen op, or an Inductor-generated kernel, e.g. cpp_fused_...).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def self_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    return [{"name": e.key, "calls": int(e.count), "self_ms": self_us(e) / 1e3, "share": self_us(e) / total} for e in events[:top]]
+
+
 class StepClock:
     """Seconds spent fetching the batch and running the step, per iteration."""
 

@@ -142,6 +142,10 @@ def format_table(out: dict[str, Any]) -> str:
         lines += ["", "targets:"]
         for t in out["targets"]:
             lines.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['value']:.3g} (threshold {t['threshold']:.3g})")
+    for name, v in out["variants"].items():
+        if v.get("profile"):
+            lines += ["", f"{name}: the ops with the most self time in one step"]
+            lines += [f"  {100 * k['share']:5.1f} %  {k['self_ms']:9.1f} ms  {k['calls']:6d} x  {k['name'][:90]}" for k in v["profile"]]
     proj = out.get("projection")
     if proj:
         lines += ["", f"projection ({proj['variant']}): {proj['total_steps']} steps x {_s(proj['seconds_per_step'])} = "

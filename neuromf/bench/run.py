@@ -56,6 +56,7 @@ class BenchOptions:
     peak_tflops: Optional[float] = None  # overrides the peak table (e.g. for a CPU)
     epoch_latents: Optional[int] = None  # for the projection; default: the train split (synthetic: 1080)
     interleave: bool = False  # time the variants one step each in turn (fair on a busy shared machine)
+    profile: int = 0  # > 0: profile one more step per variant and keep its `profile` top ops by self time
     on_variant: Optional[Callable[[str, dict[str, Any]], None]] = field(default=None, repr=False)  # progress hook
 
 
@@ -187,6 +188,7 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
             "num_res_blocks": spec.model.num_res_blocks, "parameters": b.parameters, "precision": tr.precision,
             "gradient_checkpointing": tr.gradient_checkpointing, "channels_last": options.channels_last,
             "steps": options.steps, "warmup": options.warmup, "interleave": options.interleave, "data": options.data,
+            "profile": options.profile,
             "residency": b.residency,
             "torch_threads": torch.get_num_threads(),
         },

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from neuromf.bench.measure import MemoryMeter, StepClock, count_flops
+from neuromf.bench.measure import MemoryMeter, StepClock, count_flops, top_kernels
 
 if TYPE_CHECKING:
     from neuromf.bench.run import BenchSetup
@@ -140,6 +140,11 @@ class VariantRun:
         self.step(self.batches.next_batch())
         self.result.update(meter.stop())
 
+    def profile(self) -> None:
+        """The ops that dominate one more step (--profile N)."""
+        batch = self.batches.next_batch()
+        self.result["profile"] = top_kernels(lambda: self.step(batch), self.b.device, self.b.options.profile)
+
     def count_flops(self) -> None:
         """Model FLOPs of one step: the eager twin, checkpointing off (recomputation is not model work)."""
         from neuromf.model.unet import set_gradient_checkpointing
@@ -197,6 +202,8 @@ def run_variants(b: BenchSetup, names: list[str], steps: int, interleave: bool) 
             run = VariantRun(b, name)
             for phase, args in ((run.warm_up, ()), (run.timed, (steps,)), (run.memory, ()), (run.count_flops, ())):
                 run.run(phase, *args)
+            if b.options.profile:
+                run.run(run.profile)
             run.close()
             results.append(run.finish())
         return results
@@ -209,6 +216,8 @@ def run_variants(b: BenchSetup, names: list[str], steps: int, interleave: bool) 
     for run in runs:
         run.run(run.memory)
         run.run(run.count_flops)
+        if b.options.profile:
+            run.run(run.profile)
         run.close()
         results.append(run.finish())
     return results

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the device's peak TFLOP/s for MFU (default: the built-in A100/H100/H200 table)")
     parser.add_argument("--epoch-latents", type=int, default=None, metavar="N",
                         help="training latents per epoch for the run-time projection (default: the train split; synthetic: 1080)")
+    parser.add_argument("--profile", type=int, nargs="?", const=8, default=0, metavar="N",
+                        help="profile one more step per variant and list its N ops with the most self time (default N 8)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write every number to this JSON file")
 
 
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from neuromf.errors import UserError
     from neuromf.spec import load_runspec
 
+    if args.profile < 0:
+        raise UserError(f"--profile: {args.profile} must be >= 0")
     if args.json_out:
         check_output(Path(args.json_out), "--json")  # before minutes of benchmarking, not after
     spec = load_runspec(args.spec, [*args.overrides, *_batch_overrides(args)])
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"benchmarking {', '.join(variants)} ({args.steps} timed steps each)", flush=True)
     options = BenchOptions(
         steps=args.steps, warmup=args.warmup, variants=variants, data=args.data, channels_last=args.channels_last, interleave=args.interleave,
-        peak_tflops=args.peak_tflops, epoch_latents=args.epoch_latents, on_variant=progress,
+        peak_tflops=args.peak_tflops, epoch_latents=args.epoch_latents, profile=args.profile, on_variant=progress,
     )
     out = bench(spec, options)
     print()
