@@ -79,6 +79,13 @@ def test_residencies_and_folder_source_give_identical_batches(tmp_path: Path, la
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
+def test_residency_argument_overrides_the_spec(tmp_path: Path, latents: dict[str, torch.Tensor]) -> None:
+    """What `neuromf evaluate` uses: stream from the shard whatever data.residency says."""
+    data = prepare_data(make_spec(tmp_path, residency="host"), CPU, progress=False, residency="stream")
+    assert data.residency == "stream" and type(data._train).__name__ == "ShardRows"
+    data.close()
+
+
 @pytest.mark.parametrize("residency", ["host", "stream"])
 @pytest.mark.parametrize("flip", [False, True])
 def test_saved_order_restores_exactly_the_next_batches(

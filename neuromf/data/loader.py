@@ -176,11 +176,14 @@ def _stats_for(spec: RunSpec, computed: tuple[np.ndarray, np.ndarray], channels:
     return stats
 
 
-def prepare_data(spec: RunSpec, device: torch.device | str, *, pack: bool = True, progress: bool = True) -> LatentData:
+def prepare_data(
+    spec: RunSpec, device: torch.device | str, *, pack: bool = True, progress: bool = True, residency: Optional[str] = None
+) -> LatentData:
     """Find, split, normalise and place the latents of a run-spec (see the module docstring).
 
     pack=False skips packing a missing or stale shard (other DDP ranks, after
-    rank 0 ran `ensure_shard`).
+    rank 0 ran `ensure_shard`). `residency` overrides data.residency (evaluation
+    reads each latent about once: "stream").
     """
     d, device = spec.data, torch.device(device)
     shard: Optional[Path] = None
@@ -204,7 +207,7 @@ def prepare_data(spec: RunSpec, device: torch.device | str, *, pack: bool = True
                         f"{m.in_channels} channels of {list(m.spatial_size)}")
     stats = _stats_for(spec, computed, shape[0])
     train_names, val_names = split_names(names, d.val_fraction, d.split_seed)
-    residency = choose_residency(d.residency, (len(train_names) + len(val_names)) * sample_bytes, device)
+    residency = choose_residency(residency or d.residency, (len(train_names) + len(val_names)) * sample_bytes, device)
 
     def rows_of(split: list[str]) -> Rows:
         if shard is not None:

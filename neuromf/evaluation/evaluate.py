@@ -162,7 +162,8 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
     bs = options.batch_size or spec.training.micro_batch_size
     started = time.time()
 
-    data = prepare_data(spec, torch.device("cpu"), progress=options.progress)
+    # Streamed from the shard: each latent is read about once, so loading all of them (~2 GB) gains nothing.
+    data = prepare_data(spec, torch.device("cpu"), progress=options.progress, residency="stream")
     try:
         if options.reference == "val" and not data.val_names:
             raise UserError("the run has no validation split (data.val_fraction is 0); use --reference train")
