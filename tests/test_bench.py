@@ -109,6 +109,15 @@ def _tiny_spec(tmp_path: Path, *extra: str) -> Any:
     return load_runspec(DEMO, [*TINY_16, f"paths.run_dir={tmp_path}", "training.batch_size=4", *extra])
 
 
+def test_compare_runs_five_variants_and_the_fold_ab_is_asked_for_by_name(tmp_path: Path) -> None:
+    from neuromf.bench import VARIANTS, default_variants
+
+    spec = _tiny_spec(tmp_path)
+    assert default_variants(spec, compare=True) == ["naive", "eager", "compiled", "fm", "fm_compiled"]
+    assert default_variants(spec, compare=False) == ["eager"]  # the demo trains eagerly (training.compile: false)
+    assert "compiled_nofold" in VARIANTS
+
+
 def test_synthetic_data_micro_batches_and_checkpointing_run_the_same_maths(tmp_path: Path) -> None:
     """Through bench(): accumulation of 2 micro-batches and checkpointing change nothing in the first step."""
     opts = BenchOptions(steps=1, warmup=0, variants=["eager"], data="synthetic", epoch_latents=40)

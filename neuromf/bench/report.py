@@ -21,6 +21,7 @@ RATIOS: list[tuple[str, str, str, str]] = [
     ("cost_eager_vs_fm", "eager", "fm", "time"),
     ("cost_compiled_vs_fm_compiled", "compiled", "fm_compiled", "time"),
     ("memory_eager_vs_fm", "eager", "fm", "memory"),
+    ("speedup_fold_zero_tangents", "compiled_nofold", "compiled", "time"),
 ]
 
 # The targets. (key, label, threshold, "min" | "max"): met when value >= / <= threshold.

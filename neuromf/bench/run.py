@@ -11,6 +11,7 @@ compilation differ:
     compiled     the same step, torch.compile'd (what `neuromf train` runs with training.compile)
     fm           plain flow matching with the same network: the floor of any step, eager
     fm_compiled  the same, torch.compile'd
+    compiled_nofold  `compiled` without the zero-tangent fold (not in --compare: the fold's A/B)
 
 Per variant: the first step (compile included) and `warmup` more steps untimed;
 `steps` timed iterations (data fetch and step timed apart); one more step for
@@ -35,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from neuromf.bench.measure import count_flops, describe_device, peak_flops, versions
-from neuromf.bench.variant import VARIANTS, run_variants
+from neuromf.bench.variant import COMPARE_VARIANTS, VARIANTS, run_variants
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 
@@ -61,9 +62,9 @@ class BenchOptions:
 
 
 def default_variants(spec: RunSpec, compare: bool) -> list[str]:
-    """--compare: all five; otherwise the trainer's own step (compiled when training.compile)."""
+    """--compare: the five of COMPARE_VARIANTS; otherwise the trainer's own step (compiled when training.compile)."""
     if compare:
-        return list(VARIANTS)
+        return list(COMPARE_VARIANTS)
     return ["compiled" if spec.training.compile else "eager"]
 
 

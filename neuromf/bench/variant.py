@@ -19,7 +19,7 @@ from neuromf.bench.measure import MemoryMeter, StepClock, count_flops, top_kerne
 if TYPE_CHECKING:
     from neuromf.bench.run import BenchSetup
 
-__all__ = ["VARIANTS", "VARIANT_KINDS", "VariantRun", "run_variants"]
+__all__ = ["COMPARE_VARIANTS", "VARIANTS", "VARIANT_KINDS", "VariantRun", "run_variants"]
 
 VARIANTS: dict[str, str] = {
     "naive": "naive iMF reference: whole-batch graph-building torch.func.jvp, eager",
@@ -27,10 +27,13 @@ VARIANTS: dict[str, str] = {
     "compiled": "our iMF step, torch.compile",
     "fm": "plain flow-matching step of the same network (the floor), eager",
     "fm_compiled": "plain flow-matching step, torch.compile",
+    "compiled_nofold": "our iMF step, torch.compile without the zero-tangent fold (A/B of training.fold_zero_tangents)",
 }
+COMPARE_VARIANTS = ["naive", "eager", "compiled", "fm", "fm_compiled"]  # --compare
 # (the loss maths, compiled?) of each variant
 VARIANT_KINDS: dict[str, tuple[str, bool]] = {
     "naive": ("naive", False), "eager": ("imf", False), "compiled": ("imf", True), "fm": ("fm", False), "fm_compiled": ("fm", True),
+    "compiled_nofold": ("imf", True),
 }
 
 
@@ -88,7 +91,8 @@ class VariantRun:
             self.net.train()
             self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, b.device)
             self.eager_fn = b.math[self.math_kind]
-            self.compute = compile_loss(self.eager_fn, spec.training.fold_zero_tangents) if compiled else self.eager_fn
+            fold = spec.training.fold_zero_tangents and name != "compiled_nofold"
+            self.compute = compile_loss(self.eager_fn, fold) if compiled else self.eager_fn
             self.batches = b.make_batches()
             self.generator = torch.Generator(b.device).manual_seed(spec.training.seed)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for the weights: report it

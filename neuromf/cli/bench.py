@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="run naive, eager, compiled, fm, fm_compiled on the same inputs and print ratios")
     parser.add_argument("--variants", default=None, metavar="V1,V2",
-                        help="comma-separated subset of naive,eager,compiled,fm,fm_compiled (overrides --compare)")
+                        help="comma-separated subset of naive,eager,compiled,fm,fm_compiled,compiled_nofold (overrides --compare)")
     parser.add_argument("--interleave", action="store_true",
                         help="time the variants one step each in turn (fair comparisons on a busy, shared machine)")
     parser.add_argument("--data", choices=["spec", "synthetic"], default="spec",
