@@ -12,7 +12,8 @@ Per batch z0 (B samples; the first n_fm = floor(B * data_proportion) have r = t)
 For the r = t rows h = 0, so V = v_tilde there: those rows reuse pass 1 and never enter the JVP.
 (1, 1) is the tangent of (t, h) when t moves with r fixed: dh/dt = 1.
 
-Cost per r != t sample: JVP ~3 forwards, plus forward + backward of both passes; no activation
+Cost per r != t sample: JVP ~3 forwards (~2 compiled: neuromf/train/compile.py drops PyTorch's
+conv(x, zero weight tangent) products), plus forward + backward of both passes; no activation
 graph is kept for the JVP (its output is under stop-gradient), so peak memory is about that of
 the two ordinary gradient passes. The JVP runs on the bare module `net` under the math SDPA
 backend (fused attention has no forward-mode derivative); the gradient passes run on
