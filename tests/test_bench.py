@@ -115,7 +115,8 @@ def test_compare_runs_five_variants_and_the_fold_ab_is_asked_for_by_name(tmp_pat
     spec = _tiny_spec(tmp_path)
     assert default_variants(spec, compare=True) == ["naive", "eager", "compiled", "fm", "fm_compiled"]
     assert default_variants(spec, compare=False) == ["eager"]  # the demo trains eagerly (training.compile: false)
-    assert "compiled_nofold" in VARIANTS
+    nofold = VARIANTS["compiled_nofold"]  # the fold's A/B: our compiled step, never folded
+    assert (nofold.math, nofold.compiled, nofold.fold) == ("imf", True, False) and VARIANTS["compiled"].fold
 
 
 def test_synthetic_data_micro_batches_and_checkpointing_run_the_same_maths(tmp_path: Path) -> None:

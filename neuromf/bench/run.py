@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from neuromf.bench.measure import count_flops, describe_device, peak_flops, versions
-from neuromf.bench.variant import COMPARE_VARIANTS, VARIANTS, run_variants
+from neuromf.bench.variant import COMPARE_VARIANTS, check_variant_names, run_variants
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 
@@ -169,9 +169,7 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
     from neuromf.bench.report import ratios_and_targets
 
     names = options.variants or default_variants(spec, compare=False)
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    check_variant_names(names)
     if options.steps < 1 or options.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
     b = BenchSetup(spec, options)

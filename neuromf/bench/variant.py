@@ -10,31 +10,46 @@ import copy
 import gc
 import statistics
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from neuromf.bench.measure import MemoryMeter, StepClock, count_flops, top_kernels
+from neuromf.errors import UserError
 
 if TYPE_CHECKING:
     from neuromf.bench.run import BenchSetup
 
-__all__ = ["COMPARE_VARIANTS", "VARIANTS", "VARIANT_KINDS", "VariantRun", "run_variants"]
+__all__ = ["COMPARE_VARIANTS", "VARIANTS", "Variant", "VariantRun", "check_variant_names", "run_variants"]
 
-VARIANTS: dict[str, str] = {
-    "naive": "naive iMF reference: whole-batch graph-building torch.func.jvp, eager",
-    "eager": "our iMF step: no-grad JVP on the r != t rows + two gradient passes, eager",
-    "compiled": "our iMF step, torch.compile",
-    "fm": "plain flow-matching step of the same network (the floor), eager",
-    "fm_compiled": "plain flow-matching step, torch.compile",
-    "compiled_nofold": "our iMF step, torch.compile without the zero-tangent fold (A/B of training.fold_zero_tangents)",
+@dataclass(frozen=True)
+class Variant:
+    """What a bench variant runs: which loss maths, compiled or not, with the zero-tangent fold or not."""
+
+    description: str
+    math: str  # "naive", "imf" or "fm" (BenchSetup.math)
+    compiled: bool = False
+    fold: bool = True  # with compiled: training.fold_zero_tangents applies (False: never fold)
+
+
+VARIANTS: dict[str, Variant] = {
+    "naive": Variant("naive iMF reference: whole-batch graph-building torch.func.jvp, eager", "naive"),
+    "eager": Variant("our iMF step: no-grad JVP on the r != t rows + two gradient passes, eager", "imf"),
+    "compiled": Variant("our iMF step, torch.compile", "imf", compiled=True),
+    "fm": Variant("plain flow-matching step of the same network (the floor), eager", "fm"),
+    "fm_compiled": Variant("plain flow-matching step, torch.compile", "fm", compiled=True),
+    "compiled_nofold": Variant("our iMF step, torch.compile without the zero-tangent fold (A/B of training.fold_zero_tangents)",
+                               "imf", compiled=True, fold=False),
 }
 COMPARE_VARIANTS = ["naive", "eager", "compiled", "fm", "fm_compiled"]  # --compare
-# (the loss maths, compiled?) of each variant
-VARIANT_KINDS: dict[str, tuple[str, bool]] = {
-    "naive": ("naive", False), "eager": ("imf", False), "compiled": ("imf", True), "fm": ("fm", False), "fm_compiled": ("fm", True),
-    "compiled_nofold": ("imf", True),
-}
+
+
+def check_variant_names(names: list[str]) -> None:
+    """UserError naming any unknown variant (before any set-up)."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -71,10 +86,11 @@ class VariantRun:
 
         self.b, self.name = b, name
         spec, opt = b.spec, b.options
-        self.math_kind, compiled = VARIANT_KINDS[name]
+        variant = VARIANTS[name]
+        self.math_kind, compiled = variant.math, variant.compiled
         # Checkpointing inside the naive step's graph-building JVP raises; it is the gradient passes' option.
         ckpt = spec.training.gradient_checkpointing and name != "naive"
-        self.result: dict[str, Any] = {"name": name, "description": VARIANTS[name], "compiled": compiled,
+        self.result: dict[str, Any] = {"name": name, "description": variant.description, "compiled": compiled,
                                        "gradient_checkpointing": ckpt, "channels_last": opt.channels_last, "error": None}
         self.waits: list[float] = []
         self.steps: list[float] = []
@@ -91,7 +107,7 @@ class VariantRun:
             self.net.train()
             self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, b.device)
             self.eager_fn = b.math[self.math_kind]
-            fold = spec.training.fold_zero_tangents and name != "compiled_nofold"
+            fold = spec.training.fold_zero_tangents and variant.fold
             self.compute = compile_loss(self.eager_fn, fold) if compiled else self.eager_fn
             self.batches = b.make_batches()
             self.generator = torch.Generator(b.device).manual_seed(spec.training.seed)

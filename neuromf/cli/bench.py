@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from neuromf.atomic import check_output
-    from neuromf.bench import VARIANTS, BenchOptions, bench, default_variants, format_table, write_json
+    from neuromf.bench import BenchOptions, bench, default_variants, format_table, write_json
+    from neuromf.bench.variant import check_variant_names
     from neuromf.errors import UserError
     from neuromf.spec import load_runspec
 
@@ -70,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_runspec(args.spec, [*args.overrides, *_batch_overrides(args)])
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        check_variant_names(variants)
     else:
         variants = default_variants(spec, args.compare)
 
