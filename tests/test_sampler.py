@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from imf_tiny import tiny_net
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.meanflow.sampler import generate, sample_multi_step, sample_one_step
+from neuromf.meanflow.sampler import sample, sample_multi_step, sample_one_step
 from neuromf.model.unet import build_network
 from neuromf.spec.schema import MeanFlowSpec, ModelSpec, TimeSamplingSpec
 
@@ -64,15 +65,39 @@ def test_multi_step_grid_and_update() -> None:
         sample_multi_step(net, noise, nfe=0)
 
 
-def test_generate_is_deterministic_batched_and_leaves_mode_alone() -> None:
+def test_sample_is_deterministic_batched_and_leaves_mode_alone() -> None:
     net = tiny_net().train()
-    a = generate(net, 5, (4, 16, 16, 16), 1, torch.Generator().manual_seed(3), "cpu", batch_size=2)
-    b = generate(net, 5, (4, 16, 16, 16), 1, torch.Generator().manual_seed(3), "cpu", batch_size=5)
-    c = generate(net, 5, (4, 16, 16, 16), 2, torch.Generator().manual_seed(4), "cpu", batch_size=5)
+    noise = _noise(5, seed=3)
+    a = sample(net, noise, 1, batch_size=2)
+    b = sample(net, noise, 1, batch_size=5)
+    c = sample(net, _noise(5, seed=4), 2, batch_size=5)
     assert a.shape == (5, 4, 16, 16, 16) and a.dtype == torch.float32 and not a.requires_grad
-    assert torch.allclose(a, b, atol=1e-4)  # same noise whatever the batch size (kernels round per batch shape)
+    assert torch.allclose(a, b, atol=1e-4)  # same samples whatever the batch size (kernels round per batch shape)
     assert not torch.allclose(a, c)
     assert net.training  # the sampler does not switch train/eval
+
+
+def test_training_samples_use_the_runs_t_min(tmp_path: Path) -> None:
+    """Periodic samples (and so `neuromf sample` and `evaluate`) divide by max(t, meanflow.t_min), not a fixed 0.05."""
+    from neuromf.spec import runspec_from_dict
+    from neuromf.train.periodic import generate_latents
+
+    spec = runspec_from_dict(
+        {
+            "model": {"spatial_size": [16, 16, 16], "channels": [8, 16, 32, 64], "attention_levels": [False] * 4,
+                      "num_head_channels": [0] * 4, "num_res_blocks": 1, "norm_num_groups": 8},
+            "meanflow": {"t_min": 0.2},
+            "training": {"precision": "fp32", "batch_size": 2},
+            "data": {"source": "demo"},
+            "hardware": {"device": "cpu"},
+        },
+        tmp_path,
+    )
+    net = tiny_net().eval()
+    noise = _noise(2, seed=5)
+    got = generate_latents(spec, net, noise, 10)
+    assert torch.allclose(got, sample_multi_step(net, noise, 10, t_min=0.2), atol=1e-6)
+    assert not torch.allclose(got, sample_multi_step(net, noise, 10, t_min=0.05), atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +177,7 @@ def test_learns_a_mixture_of_gaussians_in_one_step() -> None:
         data_stats = _stats(_data(4000, g))
 
         def sample_stats(model: nn.Module) -> dict[str, torch.Tensor]:
-            return _stats(generate(model, 1000, (1, SIDE, SIDE, SIDE), 1, torch.Generator().manual_seed(1), "cpu", 500))
+            return _stats(sample(model, torch.randn((1000, 1, SIDE, SIDE, SIDE), generator=torch.Generator().manual_seed(1)), 1, batch_size=500))
 
         init = _distance(sample_stats(net), data_stats)
         for _ in range(STEPS):

@@ -108,3 +108,15 @@ def test_run_log_truncates_to_the_resume_step(tmp_path: Path) -> None:
     assert steps == [1, 2, 3, 4]
     summary = json.loads((tmp_path / "training_log.json").read_text())
     assert [r["step"] for r in summary["train"]] == [1, 2, 3, 4] and summary["val"] == []
+
+
+def test_precision_is_decided_from_the_resolved_device() -> None:
+    """bf16 autocast only on a GPU: `device: auto` + the default bf16 on a CPU-only machine runs fp32."""
+    from neuromf.train.runtime import autocast_dtype
+
+    spec = RunSpec.model_validate({"data": {"source": "demo"}, "hardware": {"device": "auto"}})
+    assert spec.training.precision == "bf16"
+    assert autocast_dtype(spec, torch.device("cpu")) is None
+    assert autocast_dtype(spec, torch.device("cuda")) is torch.bfloat16
+    fp32 = RunSpec.model_validate({"data": {"source": "demo"}, "training": {"precision": "fp32"}})
+    assert autocast_dtype(fp32, torch.device("cuda")) is None

@@ -9,11 +9,11 @@ EMA weights alike and are deterministic given the noise.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["generate", "sample_multi_step", "sample_one_step"]
+__all__ = ["sample", "sample_multi_step", "sample_one_step"]
 
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -65,32 +65,26 @@ def sample_multi_step(
 
 
 @torch.no_grad()
-def generate(
+def sample(
     net: Net,
-    n: int,
-    shape: Sequence[int],
+    noise: torch.Tensor,
     nfe: int,
-    generator: torch.Generator,
-    device: Union[torch.device, str, None] = None,
-    batch_size: int = 8,
     prediction_type: str = "x",
     t_min: float = 0.05,
     autocast_dtype: Optional[torch.dtype] = None,
+    batch_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """`n` samples of `shape` (C, D, H, W), noise from `generator` (on its device), sampled in batches.
+    """Samples from `noise` (n, C, D, H, W) in `nfe` steps, `batch_size` at a time; float32, on noise's device.
 
-    Returns a float32 tensor (n, *shape) on `device`. The noise of sample i does not depend on
-    batch_size (all of it is drawn first), so the same generator state gives the same samples.
+    The one entry point that training (periodic samples), `neuromf sample` and `neuromf evaluate`
+    use: `t_min` must be the run's `meanflow.t_min` (the floor of the u denominator it trained with).
     """
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-    target = torch.device(device) if device is not None else generator.device
-    noise = torch.randn((n, *shape), generator=generator, device=generator.device, dtype=torch.float32)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunks = []
-    for start in range(0, n, batch_size):
-        e = noise[start : start + batch_size].to(target)
+    for e in noise.split(batch_size or max(1, noise.shape[0])):
         if nfe == 1:
             chunks.append(sample_one_step(net, e, prediction_type, autocast_dtype))
         else:
             chunks.append(sample_multi_step(net, e, nfe, prediction_type, t_min, autocast_dtype))
-    return torch.cat(chunks)
+    return torch.cat(chunks).float()

@@ -7,7 +7,6 @@ sample sets, and freed before training resumes.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,20 @@ def fixed_noise(spec: RunSpec, device: torch.device) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(device)
 
 
-@torch.no_grad()
 def generate_latents(spec: RunSpec, net: nn.Module, noise: torch.Tensor, nfe: int) -> torch.Tensor:
-    """Normalised latents from `noise` in `nfe` steps, in micro-batches, under the run's autocast."""
-    from neuromf.meanflow.sampler import sample_multi_step, sample_one_step
+    """Normalised latents from `noise` in `nfe` steps, in micro-batches, at the run's precision on noise's device."""
+    from neuromf.meanflow.sampler import sample
+    from neuromf.train.runtime import autocast_dtype
 
-    bf16 = spec.training.precision == "bf16" and noise.device.type == "cuda"
-    out = []
-    for chunk in noise.split(spec.training.micro_batch_size):
-        with torch.autocast(noise.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            if nfe == 1:
-                x = sample_one_step(net, chunk, prediction_type=spec.model.prediction_type)
-            else:
-                x = sample_multi_step(net, chunk, nfe, prediction_type=spec.model.prediction_type)
-        out.append(x.float())
-    return torch.cat(out)
+    return sample(
+        net,
+        noise,
+        nfe,
+        prediction_type=spec.model.prediction_type,
+        t_min=spec.meanflow.t_min,
+        autocast_dtype=autocast_dtype(spec, noise.device),
+        batch_size=spec.training.micro_batch_size,
+    )
 
 
 def write_periodic_samples(

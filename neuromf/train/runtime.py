@@ -42,7 +42,13 @@ def configure_torch(spec: RunSpec, device: torch.device) -> None:
 
 
 def autocast_dtype(spec: RunSpec, device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if spec.training.precision == "bf16" else None
+    """The network's autocast dtype on the resolved device: bf16 only on a GPU.
+
+    On a CPU, bf16 autocast gives NaN gradients through the JVP, so `precision: bf16` with
+    `hardware.device: auto` on a machine without a GPU runs in fp32 (`device: cpu` + bf16 is refused
+    by the run-spec check).
+    """
+    return torch.bfloat16 if spec.training.precision == "bf16" and device.type == "cuda" else None
 
 
 def total_steps(spec: RunSpec, steps_per_epoch: int) -> int:
