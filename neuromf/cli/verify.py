@@ -1,5 +1,9 @@
 """`neuromf verify RUN_DIR`: write verification_report.md/.json and loss_curve.png (the seed's P4-T1..T8).
 
+P4-T6 uses the strongest feature space the run-spec's `evaluation` section
+configures (an image-space FID with a published extractor when its weights
+file is there), else the pooled FD, labelled as not comparable with papers.
+
 Exit codes: 0 report written, no critical test failed; 1 report written and a
 critical test (P4-T1..T6) FAILED; 2 bad input (not a run folder, an unusable
 checkpoint).
@@ -37,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(t["status"]) for t in report["tests"])
     for t in report["tests"]:
         print(f"{t['id']}  {t['status']:<{width}}  {t['evidence']}")
+    t6 = next((t for t in report["tests"] if t["id"] == "P4-T6"), {}).get("details", {})
+    if t6.get("fd_used"):
+        print(f"P4-T6 used {t6['fd_used']}")
     print(report["verdict"])
     print(f"wrote {Path(args.run_dir) / 'verification_report.md'} (and .json, loss_curve.png)")
     return 1 if report["critical_failed"] else 0
