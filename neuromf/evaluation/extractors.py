@@ -145,10 +145,17 @@ def build_medicalnet(blocks: list[int], planes: list[int], bottleneck: bool, sho
         for block in getattr(net, name):
             for conv in [block.conv2] if bottleneck else [block.conv1, block.conv2]:
                 conv.stride, conv.dilation, conv.padding = (1, 1, 1), (dilation,) * 3, (dilation,) * 3
+            # Without the stride a shortcut is needed only where the channels change (as MedicalNet builds it).
             if isinstance(block.downsample, nn.Sequential):
+                conv = block.downsample[0]
                 block.downsample[0].stride = (1, 1, 1)
+                if conv.in_channels == conv.out_channels:
+                    block.downsample = None
             elif isinstance(block.downsample, partial):
-                block.downsample = partial(block.downsample.func, **{**block.downsample.keywords, "stride": 1})
+                if block.conv1.in_channels == block.downsample.keywords["planes"]:
+                    block.downsample = None
+                else:
+                    block.downsample = partial(block.downsample.func, **{**block.downsample.keywords, "stride": 1})
     return net
 
 

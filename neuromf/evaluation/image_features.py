@@ -59,7 +59,7 @@ def _plane_slices(volume: Tensor, plane: str) -> Tensor:
 
 
 @torch.no_grad()
-def radimagenet_features(net: nn.Module, volumes: Tensor, chunk: int = 64) -> dict[str, Tensor]:
+def radimagenet_features(net: nn.Module, volumes: Tensor, chunk: int = 256) -> dict[str, Tensor]:
     """{"xy", "yz", "zx": (B * slices, F)} float64 on the CPU for volumes (B, 1, X, Y, Z)."""
     device = next(net.parameters()).device
     out: dict[str, list[Tensor]] = {p: [] for p in PLANES}
