@@ -47,3 +47,12 @@ def test_wandb_offline_images_and_periodic_fid(tmp_path: Path, monkeypatch: pyte
     assert len(images) == 2 and all(name.startswith("ema_nfe1") for name in images)  # one grid per epoch
     stream = b"".join((d / f"run-{run_id}.wandb").read_bytes() for d in offline)
     assert b"samples/ema_nfe1" in stream and b"eval/fid_ema_nfe1" in stream and b"image-file" in stream
+
+    # `neuromf evaluate` puts its numbers into the same wandb run's summary.
+    from neuromf.cli import main
+
+    assert main(["evaluate", str(run_dir), "--features", "medicalnet3d", "--weights", str(weights), "--nfe", "1",
+                 "--device", "cpu", "--no-progress"]) == 0
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 3 and all(d.name.endswith(f"-{run_id}") for d in offline)
+    assert b"evaluate/fid_ema_nfe1" in (offline[-1] / f"run-{run_id}.wandb").read_bytes()

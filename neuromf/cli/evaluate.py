@@ -69,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / summary['files']['histograms']}"
           + (f" and {args.json_out}" if args.json_out else ""))
+    from neuromf.evaluation.wandb_summary import send_to_wandb
+
+    sent = send_to_wandb(loaded.spec, loaded.run_dir, summary)
+    if sent:
+        print(sent)
     if summary["extractor"]["weights"]:
         print(f"extractor weights {summary['extractor']['weights']} (sha256 {summary['extractor']['weights_sha256'][:16]}...)")
     return 0
