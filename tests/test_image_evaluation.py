@@ -15,6 +15,7 @@ import torch
 from _tiny_run import build_tiny_run
 from neuromf.cli import main
 from neuromf.evaluation.featurize import held_out_split
+from neuromf.spec.schema import EvaluationSpec
 from test_extractors import save_medicalnet, save_radimagenet
 
 
@@ -108,3 +109,40 @@ def test_verify_says_which_fid_it_used(tiny_run: Path, tmp_path: Path, capsys: p
     assert "P4-T6 used pooled FD (latent space; not comparable with published FIDs)" in out
     report = json.loads((run / "verification_report.json").read_text())
     assert "weights file" in report["evaluation"]["how"] and "is missing" in report["evaluation"]["how"]
+
+
+def test_periodic_evaluation_logs_a_fid_or_skips_with_a_reason(tiny_run: Path, tmp_path: Path) -> None:
+    from neuromf.data.loader import prepare_data
+    from neuromf.evaluation.runs import load_for_eval
+    from neuromf.train.periodic_eval import periodic_evaluation
+
+    loaded = load_for_eval(tiny_run)
+    spec = loaded.spec.model_copy(deep=True)
+    weights = tmp_path / "radimagenet.pt"
+    save_radimagenet(weights)
+    spec.evaluation = EvaluationSpec(features="radimagenet2p5d", weights=weights, every_n_epochs=1, periodic_n=4)
+    data = prepare_data(spec, "cpu", progress=False)
+    try:
+        net = loaded.network("ema")
+        record = periodic_evaluation(spec, net, data, epoch=3, step=12, device=torch.device("cpu"))
+        assert record["eval/n"] == 4 and record["epoch"] == 3 and record["step"] == 12
+        planes = [record[f"eval/fid_ema_nfe1_{p}"] for p in ("xy", "yz", "zx")]
+        assert record["eval/fid_ema_nfe1"] == pytest.approx(sum(planes) / 3) and min(planes) >= 0
+        weights.unlink()
+        record = periodic_evaluation(spec, net, data, epoch=4, step=16, device=torch.device("cpu"))
+        assert "periodic evaluation skipped" in record["event"] and "no such file" in record["event"]
+    finally:
+        data.close()
+
+
+def test_evaluation_section_checks() -> None:
+    from pydantic import ValidationError
+
+    assert EvaluationSpec().resolved_space == "latent" and EvaluationSpec().every_n_epochs is None  # off by default
+    assert EvaluationSpec(features="medicalnet3d", weights=Path("w.pth")).resolved_space == "image"
+    with pytest.raises(ValidationError, match="weights: required with features medicalnet3d"):
+        EvaluationSpec(features="medicalnet3d")
+    with pytest.raises(ValidationError, match="space: radimagenet2p5d works on decoded images"):
+        EvaluationSpec(features="radimagenet2p5d", weights=Path("w.pt"), space="latent")
+    with pytest.raises(ValidationError):
+        EvaluationSpec(extractor="x")  # unknown keys are errors

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 
 __all__ = ["periodic_evaluation_due", "periodic_evaluation"]
@@ -43,37 +44,49 @@ def _fits(featurizer: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> 
 @torch.no_grad()
 def periodic_evaluation(spec: RunSpec, ema_net: nn.Module, data: Any, epoch: int, step: int, device: torch.device) -> dict[str, Any]:
     """One log record: {"step", "epoch", "eval/fid_ema_nfe1", per-plane "eval/fid_ema_nfe1_<plane>", ...}."""
-    from neuromf.evaluation.featurize import held_out_split, open_featurizer
+    from neuromf.evaluation.featurize import held_out_split
+
+    split = held_out_split(data)
+    n = min(spec.evaluation.periodic_n, len(getattr(data, f"{split}_names")))
+    if n < 2:
+        return {"step": step, "epoch": epoch, "event": f"periodic evaluation skipped: the {split} split has {n} latents"}
+    try:
+        return _evaluate(spec, ema_net, data, epoch, step, device, split, n)
+    except UserError as err:  # a missing or wrong extractor file must not end hours of training
+        return {"step": step, "epoch": epoch, "event": f"periodic evaluation skipped: {'; '.join(err.problems)}"}
+
+
+def _evaluate(spec: RunSpec, ema_net: nn.Module, data: Any, epoch: int, step: int, device: torch.device, split: str,
+              n: int) -> dict[str, Any]:
+    from neuromf.evaluation.featurize import open_featurizer
     from neuromf.evaluation.generate import generate_batches
     from neuromf.evaluation.metrics import frechet_distance_of_fits
 
     e = spec.evaluation
     started = time.perf_counter()
-    split = held_out_split(data)
     stats = data.stats.to("cpu")
     bs = spec.training.micro_batch_size
-    n = min(e.periodic_n, len(getattr(data, f"{split}_names")))
-    if n < 2:
-        return {"step": step, "epoch": epoch, "event": f"periodic evaluation skipped: the {split} split has {n} latents"}
     was_training = ema_net.training
     ema_net.eval()
-    with open_featurizer(spec, e.features, e.weights, e.resolved_space, device) as featurizer:
-        key = (str(spec.paths.run_dir), e.features, str(e.weights), e.resolved_space, split, n)
-        if key not in _REFERENCE_CACHE:
-            reference, got = [], 0
-            for batch in getattr(data, f"{split}_batches")(bs):
-                batch = batch[: n - got].float().cpu()
-                reference.append((batch, stats.denormalise(batch)))
-                got += batch.shape[0]
-                if got >= n:
-                    break
-            _REFERENCE_CACHE[key] = _fits(featurizer, reference)
-        samples = []
-        for _, by_nfe in generate_batches(spec, ema_net, n, [1], spec.sampling.seed, bs, device):
-            z = by_nfe[1].float().cpu()
-            samples.append((z, stats.denormalise(z)))
-        fits = _fits(featurizer, samples)
-    ema_net.train(was_training)
+    try:
+        with open_featurizer(spec, e.features, e.weights, e.resolved_space, device) as featurizer:
+            key = (str(spec.paths.run_dir), e.features, str(e.weights), e.resolved_space, split, n)
+            if key not in _REFERENCE_CACHE:
+                reference, got = [], 0
+                for batch in getattr(data, f"{split}_batches")(bs):
+                    batch = batch[: n - got].float().cpu()
+                    reference.append((batch, stats.denormalise(batch)))
+                    got += batch.shape[0]
+                    if got >= n:
+                        break
+                _REFERENCE_CACHE[key] = _fits(featurizer, reference)
+            samples = []
+            for _, by_nfe in generate_batches(spec, ema_net, n, [1], spec.sampling.seed, bs, device):
+                z = by_nfe[1].float().cpu()
+                samples.append((z, stats.denormalise(z)))
+            fits = _fits(featurizer, samples)
+    finally:
+        ema_net.train(was_training)
     ref = _REFERENCE_CACHE[key]
     per_plane = {plane: frechet_distance_of_fits(*fits[plane], *ref[plane]) for plane in ref}
     record: dict[str, Any] = {"step": step, "epoch": epoch, "eval/fid_ema_nfe1": float(np.mean(list(per_plane.values())))}
