@@ -81,15 +81,42 @@ def test_a_wrong_weights_file_is_one_line_and_writes_nothing(tiny_run: Path, tmp
     assert "--weights: required" in capsys.readouterr().err
 
 
-def _with_evaluation_section(run: Path, dest: Path, section: dict) -> Path:
-    """A copy of the run whose checkpoints' run-spec carries `section` as its evaluation section."""
+def _with_evaluation_section(run: Path, dest: Path, section: dict, **more: dict) -> Path:
+    """A copy of the run whose checkpoints' run-spec carries `section` as its evaluation section (and `more` sections)."""
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "evaluation", ignore_errors=True)
     for ckpt in (dest / "checkpoints").glob("*.pt"):
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         state["config"]["evaluation"] = section
+        for key, value in more.items():
+            state["config"][key].update(value)
         torch.save(state, ckpt)
     return dest
+
+
+def test_image_space_decodes_through_the_vae_loaded_once(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from neuromf.model.vae import build_vae
+    from neuromf.spec.schema import VAESpec
+
+    vae_raw = {"decoder": "maisi", "num_channels": [8, 16], "num_res_blocks": [1, 1], "latent_channels": 4,
+               "norm_num_groups": 4, "scale_factor": 0.5}
+    torch.manual_seed(0)
+    vae = tmp_path / "vae.pt"
+    torch.save({"unet_state_dict": build_vae(VAESpec(**vae_raw)).state_dict()}, vae)
+    weights = tmp_path / "resnet_10.pth"
+    save_medicalnet(weights)
+    run = _with_evaluation_section(tiny_run, tmp_path / "run", {"features": "medicalnet3d", "weights": str(weights)},
+                                   vae=vae_raw, paths={"vae_weights": str(vae)})
+    with caplog.at_level(logging.INFO, logger="neuromf.model.vae"):
+        summary, out = _evaluate([str(run), "--n", "4"], tmp_path / "ev", capsys)
+    assert sum("loaded the VAE" in r.getMessage() for r in caplog.records) == 1  # once for all sets
+    assert summary["extractor"]["features"] == "medicalnet3d" and summary["feature_space"]["space"] == "image"
+    assert all(math.isfinite(r["fd"]) and 0 < r["ms_ssim"] <= 1 for r in summary["results"])
+    assert main(["evaluate", str(run), "--space", "latent", "--device", "cpu", "--no-progress"]) == 2
+    assert "--space latent: medicalnet3d works on decoded images" in capsys.readouterr().err
 
 
 def test_verify_says_which_fid_it_used(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
