@@ -62,13 +62,14 @@ def _plane_slices(volume: Tensor, plane: str) -> Tensor:
 def radimagenet_features(net: nn.Module, volumes: Tensor, chunk: int = 256) -> dict[str, Tensor]:
     """{"xy", "yz", "zx": (B * slices, F)} float64 on the CPU for volumes (B, 1, X, Y, Z)."""
     device = next(net.parameters()).device
-    out: dict[str, list[Tensor]] = {p: [] for p in PLANES}
-    for v in volumes:
-        rgb = v[:1].to(device=device, dtype=torch.float32).repeat(3, 1, 1, 1)[[2, 1, 0]]  # grey -> RGB -> BGR
-        for plane in PLANES:
-            stack = radimagenet_normalise(_plane_slices(rgb, plane))
-            out[plane] += [net(part).mean(dim=(2, 3)).double().cpu() for part in stack.split(chunk)]
-    return {p: torch.cat(f) for p, f in out.items()}
+    out: dict[str, Tensor] = {}
+    for plane in PLANES:
+        stacks = []  # each volume's slices, normalised over that volume; then all volumes in chunks (rows volume-major)
+        for v in volumes:
+            rgb = v[:1].to(device=device, dtype=torch.float32).repeat(3, 1, 1, 1)[[2, 1, 0]]  # grey -> RGB -> BGR
+            stacks.append(radimagenet_normalise(_plane_slices(rgb, plane)))
+        out[plane] = torch.cat([net(part).mean(dim=(2, 3)).double().cpu() for part in torch.cat(stacks).split(chunk)])
+    return out
 
 
 def features_fn(kind: str, net: nn.Module) -> Callable[[Tensor], dict[str, Tensor]]:
