@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("target", metavar="RUN_DIR|CKPT", help="a run folder (uses best.pt, else latest.pt) or a checkpoint file")
     parser.add_argument("--n", type=int, default=None,
-                        help="samples per weights and NFE, and reference latents (default: the whole validation split, at most 500)")
+                        help="samples per weights and NFE, and reference volumes (default: evaluation.n, else the whole held-out split, at most 500)")
     parser.add_argument("--nfe", type=parse_nfe, default=None, metavar="1,2,4", help="default: the run-spec's sampling.nfe")
     parser.add_argument("--reference", choices=["auto", "test", "val", "train"], default="auto",
                         help="auto (default): the test split when the data has one, else validation; or train (more of them)")
