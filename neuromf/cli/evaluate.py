@@ -1,4 +1,4 @@
-"""`neuromf evaluate RUN_DIR|CKPT`: EMA vs online samples against held-out latents (FD, MMD, statistics, diversity).
+"""`neuromf evaluate RUN_DIR|CKPT`: EMA vs online samples against held-out data (FID, MMD, MS-SSIM, statistics).
 
 Writes <run>/evaluation/evaluation.json and latent_histograms.png (or --out
 DIR), prints a table, and with --json OUT also writes the JSON to OUT. See
@@ -15,10 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("target", metavar="RUN_DIR|CKPT", help="a run folder (uses best.pt, else latest.pt) or a checkpoint file")
     parser.add_argument("--n", type=int, default=None,
-                        help="samples per weights and NFE, and reference latents (default: the whole validation split, at most 500)")
+                        help="samples per weights and NFE, and reference volumes (default: evaluation.n, else the whole held-out split, at most 500)")
     parser.add_argument("--nfe", type=parse_nfe, default=None, metavar="1,2,4", help="default: the run-spec's sampling.nfe")
-    parser.add_argument("--reference", choices=["val", "train"], default="val",
-                        help="compare with the held-out validation latents (default) or the training latents (more of them)")
+    parser.add_argument("--reference", choices=["auto", "test", "val", "train"], default="auto",
+                        help="auto (default): the test split when the data has one, else validation; or train (more of them)")
+    parser.add_argument("--features", choices=["pooled", "medicalnet3d", "radimagenet2p5d"], default=None,
+                        help="feature space (default: the run-spec's evaluation.features, else pooled): pooled statistics "
+                        "(weight-free, not comparable with papers), MedicalNet 3D FID, or MAISI's RadImageNet 2.5D FID")
+    parser.add_argument("--weights", default=None, metavar="PATH", help="the extractor's weights file (default: evaluation.weights)")
+    parser.add_argument("--space", choices=["image", "latent"], default=None,
+                        help="image: decode through the run-spec's VAE first; latent: compare latents (pooled only)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for EMA and online)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results JSON here")
     parser.add_argument("--out", default=None, metavar="DIR", help="folder for evaluation.json and the histogram PNG "
@@ -47,8 +53,15 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output(Path(args.out), "--out", folder=True)
     loaded = load_for_eval(Path(args.target))
-    options = EvalOptions(n=args.n, nfe=args.nfe, seed=args.seed, reference=args.reference, batch_size=args.batch_size,
-                          device=args.device, progress=not args.no_progress)
+    spec_eval = loaded.spec.evaluation
+    features = args.features or spec_eval.features
+    weights = Path(args.weights) if args.weights else (spec_eval.weights if features == spec_eval.features else None)
+    space = args.space or (spec_eval.space if features == spec_eval.features else None)
+    options = EvalOptions.from_spec(
+        loaded.spec, n=args.n, nfe=args.nfe, seed=args.seed, reference=args.reference, batch_size=args.batch_size,
+        device=args.device, progress=not args.no_progress, extractor=features, weights_file=weights,
+        space=space or ("latent" if features == "pooled" else "image"),
+    )
     out_dir = Path(args.out) if args.out else loaded.run_dir / "evaluation"
     summary = evaluate_checkpoint(loaded, options, out_dir)
     if args.json_out:
@@ -56,4 +69,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / summary['files']['histograms']}"
           + (f" and {args.json_out}" if args.json_out else ""))
+    from neuromf.evaluation.wandb_summary import send_to_wandb
+
+    sent = send_to_wandb(loaded.spec, loaded.run_dir, summary)
+    if sent:
+        print(sent)
+    if summary["extractor"]["weights"]:
+        print(f"extractor weights {summary['extractor']['weights']} (sha256 {summary['extractor']['weights_sha256'][:16]}...)")
     return 0

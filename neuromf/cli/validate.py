@@ -43,6 +43,8 @@ def path_problems(spec: RunSpec) -> list[str]:
             problems.append("paths.vae_weights: not set; samples need the VAE (or set vae.decoder: identity)")
         elif not spec.paths.vae_weights.is_file():
             problems.append(f"paths.vae_weights: {spec.paths.vae_weights} does not exist")
+    if spec.evaluation.weights is not None and not spec.evaluation.weights.is_file():
+        problems.append(f"evaluation.weights: {spec.evaluation.weights} does not exist (stage the extractor's weights file)")
     for field, folder in [("paths.run_dir", spec.paths.run_dir), ("paths.cache_dir", spec.paths.cache_dir)]:
         if folder is not None and not writable_folder(folder):
             problems.append(f"{field}: {folder} is not writable")

@@ -1,5 +1,9 @@
 """`neuromf verify RUN_DIR`: write verification_report.md/.json and loss_curve.png (the seed's P4-T1..T8).
 
+P4-T6 uses the strongest feature space the run-spec's `evaluation` section
+configures (an image-space FID with a published extractor when its weights
+file is there), else the pooled FD, labelled as not comparable with papers.
+
 Exit codes: 0 report written, no critical test failed; 1 report written and a
 critical test (P4-T1..T6) FAILED; 2 bad input (not a run folder, an unusable
 checkpoint).
@@ -13,7 +17,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (paths.run_dir of the run-spec)")
     parser.add_argument("--n", type=int, default=None,
-                        help="samples for P4-T6/T7 (default: the whole validation split, at most 500)")
+                        help="samples for P4-T6/T7 (default: evaluation.n, else the whole held-out split, at most 500)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--no-evaluate", action="store_true",
                        help="never generate samples: reuse a matching evaluation/evaluation.json, else P4-T6/T7 say NEEDS-LOOK")
@@ -37,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(t["status"]) for t in report["tests"])
     for t in report["tests"]:
         print(f"{t['id']}  {t['status']:<{width}}  {t['evidence']}")
+    t6 = next((t for t in report["tests"] if t["id"] == "P4-T6"), {}).get("details", {})
+    if t6.get("fd_used"):
+        print(f"P4-T6 used {t6['fd_used']}")
     print(report["verdict"])
     print(f"wrote {Path(args.run_dir) / 'verification_report.md'} (and .json, loss_curve.png)")
     return 1 if report["critical_failed"] else 0

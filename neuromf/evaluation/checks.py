@@ -198,14 +198,20 @@ def check_ema_better(evaluation: Optional[dict[str, Any]], why_missing: str = "n
     n, k = evaluation["n"], ema["nfe"]
     better = ema["fd"] < online["fd"]
     floor = evaluation.get("reference_floor") or {}
-    text = (f"NFE {k}: FD(EMA) {ema['fd']:.4g} {'<' if better else '>='} FD(online) {online['fd']:.4g} "
+    from neuromf.evaluation.evaluate import fd_label
+
+    label = fd_label(evaluation)
+    text = (f"{label}, NFE {k}: FD(EMA) {ema['fd']:.4g} {'<' if better else '>='} FD(online) {online['fd']:.4g} "
             f"(MMD² {ema['mmd2_mean']:.3g} vs {online['mmd2_mean']:.3g}) with N = {n} samples vs {evaluation['reference']} "
-            f"latents, {Path(evaluation['checkpoint']).name} at epoch {evaluation['epoch']}")
+            f"split, {Path(evaluation['checkpoint']).name} at epoch {evaluation['epoch']}")
     if floor.get("fd") is not None:
         text += f"; real-vs-real FD at this N: {floor['fd']:.4g}"
     if n < 500:
         text += f" (the seed asks for 500 samples; only {n} here)"
-    return Check("P4-T6", PASS if better else FAIL, text, {"nfe": k, "n": n, "fd_ema": ema["fd"], "fd_online": online["fd"]})
+    fs = evaluation.get("feature_space") or {}
+    return Check("P4-T6", PASS if better else FAIL, text, {"nfe": k, "n": n, "fd_ema": ema["fd"], "fd_online": online["fd"],
+                                                           "fd_used": label, "features": fs.get("name"), "space": fs.get("space"),
+                                                           "comparable_with_literature": bool(fs.get("comparable_with_literature"))})
 
 
 def check_statistics(evaluation: Optional[dict[str, Any]], why_missing: str = "not evaluated") -> Check:

@@ -1,10 +1,15 @@
-"""`neuromf evaluate`: generated samples of the EMA and online weights against held-out latents.
+"""`neuromf evaluate`: generated samples of the EMA and online weights against held-out data.
 
 For each weights (ema, online) and each NFE, N samples are generated from the
-same per-sample noise and compared with N reference latents (the validation
-split by default) in the pooled-statistics feature space (features.py):
-Fréchet distance and RBF-kernel MMD^2 at three bandwidths (0.5, 1 and 2 times
-the median distance between reference features). Beside them: per-channel
+same per-sample noise and compared with N reference latents (the test split
+when the data has one, else validation) in a feature space (featurize.py):
+the weight-free pooled statistics of latents (features.py; not comparable
+with papers), or a published extractor on decoded volumes (MedicalNet 3D,
+RadImageNet 2.5D: extractors.py, image_features.py). Fréchet distance (FID;
+for 2.5D one per plane and their mean) and RBF-kernel MMD^2 at three
+bandwidths (0.5, 1 and 2 times the median distance between reference
+feature vectors); in image space the mean pairwise MS-SSIM of samples and of
+real volumes (diversity, lower = more diverse). Beside them: per-channel
 mean, std, skewness and kurtosis of the de-normalised samples against
 training latents (P4-T7) with a histogram PNG, and the mean pairwise distance
 of the samples against that of real latents (mode collapse shows as a ratio
@@ -19,28 +24,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
 from neuromf.errors import UserError
-from neuromf.evaluation.features import DEFAULT_FEATURES, FeatureSpec, latent_features
-from neuromf.evaluation.metrics import (
-    MomentAccumulator,
-    frechet_distance,
-    histogram_overlap,
-    mean_pairwise_distance,
-    median_pairwise_distance,
-    mmd2_rbf,
-)
+from neuromf.evaluation.features import DEFAULT_FEATURES, FeatureSpec
+from neuromf.evaluation.metrics import frechet_distance_of_fits, histogram_overlap, median_pairwise_distance, mmd2_rbf
 from neuromf.evaluation.runs import LoadedCheckpoint
+from neuromf.evaluation.sets import SetStats, available, reference_batches, take
 
 __all__ = ["EvalOptions", "evaluate_checkpoint", "resolve_device", "format_summary", "DEFAULT_MAX_N"]
 
 DEFAULT_MAX_N = 500  # the seed's P4-T6 sample count; the default N is min(reference size, this)
 BANDWIDTH_FACTORS = (0.5, 1.0, 2.0)
-DIVERSITY_N = 100  # pairs of up to 100 samples: 4,950 distances, plenty for a mean
 HIST_BINS, HIST_SIGMAS = 80, 6.0  # histogram range: stats mean +- 6 std per channel
 WEIGHTS: tuple[Literal["ema", "online"], ...] = ("ema", "online")
 
@@ -52,12 +50,26 @@ class EvalOptions:
     n: Optional[int] = None  # samples per (weights, NFE) = reference latents; default min(reference, 500)
     nfe: Optional[list[int]] = None  # default: the run-spec's sampling.nfe
     seed: int = 0
-    reference: Literal["val", "train"] = "val"
+    reference: Literal["auto", "val", "test", "train"] = "auto"  # auto: test when the data has it, else val
     batch_size: Optional[int] = None  # default: training.micro_batch_size
     n_train_stats: int = 256  # training latents for the P4-T7 statistics
     device: str = "auto"
     progress: bool = True
-    features: FeatureSpec = field(default_factory=lambda: DEFAULT_FEATURES)
+    features: FeatureSpec = field(default_factory=lambda: DEFAULT_FEATURES)  # the pooled statistics
+    extractor: str = "pooled"  # pooled | medicalnet3d | radimagenet2p5d
+    weights_file: Optional[Path] = None  # the extractor's weights
+    space: Optional[str] = None  # image | latent; default image for extractors, latent for pooled
+    diversity_samples: int = 16  # volumes per set for the MS-SSIM diversity (image space)
+    which: tuple[str, ...] = ("ema", "online")
+    histograms: bool = True
+    train_floor: bool = True  # also the training-vs-reference floor (decodes N more volumes in image space)
+
+    @classmethod
+    def from_spec(cls, spec: Any, **overrides: Any) -> "EvalOptions":
+        """Options with the run-spec's evaluation section as the defaults."""
+        e = spec.evaluation
+        base = dict(n=e.n, extractor=e.features, weights_file=e.weights, space=e.resolved_space, diversity_samples=e.diversity_samples)
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,146 +89,98 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class _SetStats:
-    """Everything gathered about one set of latents, batch by batch."""
-
-    def __init__(self, edges: np.ndarray, spec: FeatureSpec) -> None:
-        self.edges, self.spec = edges, spec
-        self.features: list[torch.Tensor] = []
-        self.moments = MomentAccumulator()
-        self.counts = np.zeros((edges.shape[0], edges.shape[1] - 1))
-        self.outside = np.zeros(edges.shape[0])
-        self.total = 0
-        self.keep: list[torch.Tensor] = []  # normalised latents for the diversity figure
-        self.kept = 0
-
-    def add(self, normalised: torch.Tensor, raw: torch.Tensor, with_features: bool = True) -> None:
-        if with_features:
-            self.features.append(latent_features(normalised, self.spec))
-        self.moments.update(raw)
-        values = raw.detach().float().cpu().transpose(0, 1).reshape(raw.shape[1], -1).numpy()
-        for c in range(values.shape[0]):
-            counts, _ = np.histogram(values[c], bins=self.edges[c])
-            self.counts[c] += counts
-            self.outside[c] += values.shape[1] - counts.sum()
-        self.total += values.shape[1]
-        if self.kept < DIVERSITY_N:
-            part = normalised[: DIVERSITY_N - self.kept].detach().float().cpu()
-            self.keep.append(part)
-            self.kept += part.shape[0]
-
-    def feature_matrix(self) -> np.ndarray:
-        return torch.cat(self.features).numpy() if self.features else np.zeros((0, 0))
-
-    def diversity(self) -> float:
-        return mean_pairwise_distance(torch.cat(self.keep)) if self.keep else math.nan
-
-    def densities(self) -> np.ndarray:
-        widths = np.diff(self.edges, axis=1)
-        return self.counts / max(self.total, 1) / widths
-
-
-def _reference_batches(data: Any, which: str, batch_size: int) -> Iterator[torch.Tensor]:
-    """Normalised reference latents: the validation split in order, or the training split in its epoch-0 order."""
-    if which == "val":
-        yield from data.val_batches(batch_size)
-        return
-    batches = data.train_batches(batch_size)
-    try:
-        for _ in range(batches.steps_per_epoch):
-            yield batches.next_batch()
-    finally:
-        batches.close()
-
-
-def _take(batches: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
-    got = 0
-    for b in batches:
-        b = b[: n - got]
-        got += b.shape[0]
-        yield b
-        if got >= n:
-            return
-
-
-def _available(data: Any, which: str, batch_size: int) -> int:
-    if which == "val":
-        return len(data.val_names)
-    return (len(data.train_names) // batch_size) * batch_size  # whole batches of the epoch-0 order
-
-
-def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Path) -> dict[str, Any]:
-    """Run the comparison, write `<out_dir>/evaluation.json` and `latent_histograms.png`; return the results."""
-    from tqdm import tqdm
-
-    from neuromf.atomic import atomic_write_text
-    from neuromf.data.loader import prepare_data
-    from neuromf.evaluation.generate import generate_batches
-    from neuromf.evaluation.jsonio import to_json
+def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[Path]) -> dict[str, Any]:
+    """Run the comparison, write `<out_dir>/evaluation.json` and `latent_histograms.png` (unless out_dir is None)."""
+    from neuromf.evaluation.featurize import open_featurizer
 
     spec = loaded.spec
     device = resolve_device(options.device)
     nfes = sorted(set(options.nfe or spec.sampling.nfe))
     if any(k < 1 for k in nfes):
         raise UserError(f"--nfe: every NFE must be >= 1, got {nfes}")
+    space = options.space or ("latent" if options.extractor == "pooled" else "image")
+    with open_featurizer(spec, options.extractor, options.weights_file, space, device) as featurizer:
+        return _evaluate(loaded, options, out_dir, featurizer, nfes, device)
+
+
+def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[Path], featurizer: Any, nfes: list[int],
+              device: torch.device) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from neuromf.atomic import atomic_write_text
+    from neuromf.data.loader import prepare_data
+    from neuromf.evaluation.featurize import held_out_split
+    from neuromf.evaluation.generate import generate_batches
+    from neuromf.evaluation.jsonio import to_json
+
+    spec = loaded.spec
     bs = options.batch_size or spec.training.micro_batch_size
+    keep = options.diversity_samples if featurizer.space == "image" else 0
     started = time.time()
 
     # Streamed from the shard: each latent is read about once, so loading all of them (~2 GB) gains nothing.
     data = prepare_data(spec, torch.device("cpu"), progress=options.progress, residency="stream")
     try:
-        if options.reference == "val" and not data.val_names:
+        which = held_out_split(data) if options.reference == "auto" else options.reference
+        if which == "val" and not data.val_names:
             raise UserError("the run has no validation split (data.val_fraction is 0); use --reference train")
-        available = _available(data, options.reference, bs)
-        n = options.n if options.n is not None else min(available, DEFAULT_MAX_N)
-        if n > available:
+        if which == "test" and not getattr(data, "test_names", None):
+            raise UserError("the run's data has no test split; use --reference val or train")
+        split_name = {"val": "validation", "test": "test", "train": "training"}[which]
+        have = available(data, which, bs)
+        n = options.n if options.n is not None else min(have, DEFAULT_MAX_N)
+        if n > have:
             raise UserError(
-                f"--n {n}: larger than possible; the {'validation' if options.reference == 'val' else 'training'} split "
-                f"has {available} latents to compare with (FD and MMD compare sets of equal size)"
-                + ("; use a smaller --n or --reference train" if options.reference == "val" else "")
+                f"--n {n}: larger than possible; the {split_name} split has {have} latents to compare with "
+                "(FD and MMD compare sets of equal size)" + ("; use a smaller --n or --reference train" if which != "train" else "")
             )
         if n < 2:
-            raise UserError(f"--n {n}: FD and MMD need at least 2 samples (the reference split has {available})")
+            raise UserError(f"--n {n}: FD and MMD need at least 2 samples (the reference split has {have})")
         stats = data.stats.to("cpu")
         mean, std = stats.mean.double().numpy(), stats.std.double().numpy()
         edges = mean[:, None] + std[:, None] * np.linspace(-HIST_SIGMAS, HIST_SIGMAS, HIST_BINS + 1)[None, :]
 
-        reference = _SetStats(edges, options.features)
-        for batch in _take(_reference_batches(data, options.reference, bs), n):
+        reference = SetStats(edges, featurizer, keep)
+        for batch in take(reference_batches(data, which, bs), n):
             reference.add(batch, stats.denormalise(batch))
 
         # Training latents: the P4-T7 statistics, and the real-vs-real floor of FD/MMD at this N.
-        train = _SetStats(edges, options.features)
+        train = SetStats(edges, featurizer)
         train_batches = data.train_batches(bs)
         n_train = min(max(options.n_train_stats, n), train_batches.steps_per_epoch * bs)
+        floor_wanted = options.train_floor and which != "train"
         try:
             seen = 0
             while seen < n_train:
                 batch = train_batches.next_batch()[: n_train - seen]
-                train.add(batch, stats.denormalise(batch), with_features=seen < n and options.reference == "val")
+                train.add(batch, stats.denormalise(batch), feature_rows=max(n - seen, 0) if floor_wanted else 0)
                 seen += batch.shape[0]
         finally:
             train_batches.close()
     finally:
         data.close()
 
-    ref_feats = reference.feature_matrix()
-    bandwidths = [f * median_pairwise_distance(ref_feats) for f in BANDWIDTH_FACTORS]
+    ref_vectors = reference.vectors()
+    bandwidths = [f * median_pairwise_distance(ref_vectors) for f in BANDWIDTH_FACTORS]
+    ref_fits = {plane: acc.fit() for plane, acc in reference.fits.items()}
 
-    def compare(feats: np.ndarray) -> dict[str, Any]:
-        mmd = mmd2_rbf(feats, ref_feats, bandwidths)
-        return {"fd": frechet_distance(feats, ref_feats), "mmd2": list(mmd.values()), "mmd2_mean": float(np.mean(list(mmd.values())))}
+    def compare(s: SetStats) -> dict[str, Any]:
+        per_plane = {plane: frechet_distance_of_fits(*s.fits[plane].fit(), *ref_fits[plane]) for plane in ref_fits}
+        mmd = mmd2_rbf(s.vectors(), ref_vectors, bandwidths)
+        out: dict[str, Any] = {"fd": float(np.mean(list(per_plane.values()))), "mmd2": list(mmd.values()),
+                               "mmd2_mean": float(np.mean(list(mmd.values())))}
+        if len(per_plane) > 1:
+            out["fd_planes"] = per_plane
+        return out
 
     floor = None
-    if options.reference == "val":
-        train_feats = train.feature_matrix()[:n]
-        if train_feats.shape[0] >= 2:
-            floor = {"n": int(train_feats.shape[0]), **compare(train_feats)}
+    if floor_wanted and train.per_volume and train.vectors().shape[0] >= 2:
+        floor = {"n": int(train.vectors().shape[0]), **compare(train)}
 
-    sets: dict[tuple[str, int], _SetStats] = {(w, k): _SetStats(edges, options.features) for w in WEIGHTS for k in nfes}
-    bar = tqdm(total=len(WEIGHTS) * math.ceil(n / bs), unit="batch", desc="generating", disable=not options.progress, file=sys.stderr)
-    for weights in WEIGHTS:
-        net = loaded.network(weights, device)
+    sets: dict[tuple[str, int], SetStats] = {(w, k): SetStats(edges, featurizer, keep) for w in options.which for k in nfes}
+    bar = tqdm(total=len(options.which) * math.ceil(n / bs), unit="batch", desc="generating", disable=not options.progress, file=sys.stderr)
+    for weights in options.which:
+        net = loaded.network(weights, device)  # type: ignore[arg-type]
         for _, by_nfe in generate_batches(spec, net, n, nfes, options.seed, bs, device):
             for k, z in by_nfe.items():
                 z = z.cpu()
@@ -226,15 +190,17 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
     bar.close()
 
     ref_div = reference.diversity()
-    train_moments = train.moments.result()
+    ref_ms_ssim = reference.ms_ssim()
     train_density = train.densities()
     results = []
     for (weights, k), s in sets.items():
         moments = s.moments.result()
+        ms = s.ms_ssim()
         results.append({
             "weights": weights,
             "nfe": k,
-            **compare(s.feature_matrix()),
+            **compare(s),
+            "ms_ssim": ms["mean"] if ms else None,
             "diversity": s.diversity(),
             "diversity_ratio": s.diversity() / ref_div if ref_div > 0 else math.nan,
             "moments": moments,
@@ -242,12 +208,10 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
             "fraction_outside_histogram": (s.outside / max(s.total, 1)).tolist(),
         })
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hist_path = _write_histograms(out_dir / "latent_histograms.png", edges, train_density, sets, nfes, loaded)
     by = {(r["weights"], r["nfe"]): r for r in results}
+    info = featurizer.info()
     summary: dict[str, Any] = {
-        "format": "neuromf-evaluation-v1",
+        "format": "neuromf-evaluation-v2",
         "checkpoint": str(loaded.path.resolve()),
         "run_dir": str(loaded.run_dir.resolve()),
         "name": spec.name,
@@ -256,33 +220,45 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
         "n": n,
         "seed": options.seed,
         "nfe": nfes,
-        "reference": options.reference,
+        "reference": which,
+        "split": which,
         "n_train_stats": train.moments.n // max(int(np.prod(spec.model.spatial_size)), 1),
         "device": str(device),
         "seconds": round(time.time() - started, 1),
+        "extractor": info,
         "feature_space": {
-            "name": options.features.name,
-            "dim": int(ref_feats.shape[1]),
-            "levels": list(options.features.levels),
-            "grid": options.features.grid,
-            "description": options.features.describe(),
+            "name": options.features.name if featurizer.kind == "pooled" else featurizer.kind,
+            "space": featurizer.space,
+            "dim": int(ref_vectors.shape[1]),
+            "planes": sorted(ref_fits),
+            "description": info["description"] + (f"; on {'decoded volumes' if featurizer.space == 'image' else 'normalised latents'}"),
+            "comparable_with_literature": info["comparable_with_literature"],
         },
         "mmd_bandwidths": bandwidths,
         "mmd_bandwidth_factors": list(BANDWIDTH_FACTORS),
         "reference_floor": floor,
         "reference_diversity": ref_div,
+        "reference_ms_ssim": ref_ms_ssim["mean"] if ref_ms_ssim else None,
+        "ms_ssim_settings": {k: v for k, v in (ref_ms_ssim or {}).items() if k != "mean"} or None,
         "normalisation_stats": {"mean": mean.tolist(), "std": std.tolist()},
-        "training_moments": train_moments,
+        "training_moments": train.moments.result(),
         "results": results,
-        "ema_better_fd": {str(k): by[("ema", k)]["fd"] < by[("online", k)]["fd"] for k in nfes},
-        "files": {"histograms": hist_path.name},
+        "ema_better_fd": {str(k): by[("ema", k)]["fd"] < by[("online", k)]["fd"] for k in nfes} if len(options.which) == 2 else None,
+        "files": {},
     }
-    atomic_write_text(out_dir / "evaluation.json", to_json(summary))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if options.histograms:
+            summary["files"]["histograms"] = _write_histograms(
+                out_dir / "latent_histograms.png", edges, train_density, sets, nfes, loaded, options.which).name
+        atomic_write_text(out_dir / "evaluation.json", to_json(summary))
     return summary
 
 
 def _write_histograms(
-    path: Path, edges: np.ndarray, train_density: np.ndarray, sets: dict, nfes: Sequence[int], loaded: LoadedCheckpoint
+    path: Path, edges: np.ndarray, train_density: np.ndarray, sets: dict, nfes: Sequence[int], loaded: LoadedCheckpoint,
+    which: Sequence[str] = WEIGHTS,
 ) -> Path:
     from neuromf.evaluation.plots import COLORS, GREY, Series, histogram_grid, save_png
 
@@ -291,26 +267,43 @@ def _write_histograms(
         row = []
         for k in nfes:
             series = [Series("training", edges[c], train_density[c], GREY, fill=True)]
-            series += [Series(f"{w}", edges[c], sets[(w, k)].densities()[c], COLORS[i]) for i, w in enumerate(WEIGHTS)]
+            series += [Series(f"{w}", edges[c], sets[(w, k)].densities()[c], COLORS[i]) for i, w in enumerate(which)]
             row.append({"title": f"channel {c}, NFE {k}", "edges": edges[c], "series": series})
         panels.append(row)
     title = f"{loaded.spec.name}: de-normalised latent values, generated vs training (step {loaded.global_step})"
     return save_png(histogram_grid(panels, title=title), path)
 
 
+def fd_label(summary: dict[str, Any]) -> str:
+    """What the FD column is: 'FID (medicalnet3d, image space)' or the pooled FD, marked as not comparable."""
+    fs = summary["feature_space"]
+    if fs.get("comparable_with_literature"):
+        return f"FID ({fs['name']}, {fs.get('space', 'image')} space)"
+    return f"pooled FD ({fs.get('space', 'latent')} space; not comparable with published FIDs)"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table of the headline numbers, for the terminal."""
+    fs = summary["feature_space"]
+    planes = [p for p in fs.get("planes", []) if p in ("xy", "yz", "zx")]
     lines = [
         f"{summary['name']}: {Path(summary['checkpoint']).name} (step {summary['global_step']}, epoch {summary['epoch']}), "
-        f"N = {summary['n']} vs {summary['reference']} latents, feature space {summary['feature_space']['name']} "
-        f"({summary['feature_space']['dim']} dims)",
-        f"{'weights':8} {'NFE':>4} {'FD':>10} {'MMD2 mean':>10} {'diversity':>10} {'div/real':>9}",
+        f"N = {summary['n']} vs {summary['reference']} split, {fd_label(summary)} ({fs['dim']} dims per volume)",
+        f"{'weights':8} {'NFE':>4} {'FD':>10} " + "".join(f"{'FD ' + p:>10} " for p in planes)
+        + f"{'MMD2 mean':>10} {'MS-SSIM':>8} {'diversity':>10} {'div/real':>9}",
     ]
+
+    def num(v: Any, width: int, fmt: str = ".4g") -> str:
+        return f"{v:>{width}{fmt}}" if isinstance(v, (int, float)) and math.isfinite(v) else f"{'-':>{width}}"
+
     for r in summary["results"]:
-        lines.append(f"{r['weights']:8} {r['nfe']:>4} {r['fd']:>10.4g} {r['mmd2_mean']:>10.4g} {r['diversity']:>10.4g} {r['diversity_ratio']:>9.3f}")
+        lines.append(f"{r['weights']:8} {r['nfe']:>4} {num(r['fd'], 10)} " + "".join(f"{num(r['fd_planes'][p], 10)} " for p in planes)
+                     + f"{num(r['mmd2_mean'], 10)} {num(r.get('ms_ssim'), 8, '.3f')} {num(r['diversity'], 10)} {num(r['diversity_ratio'], 9, '.3f')}")
     floor = summary.get("reference_floor")
     if floor:
-        lines.append(f"{'real':8} {'-':>4} {floor['fd']:>10.4g} {floor['mmd2_mean']:>10.4g}   (training vs validation latents, N = {floor['n']})")
-    for k, better in summary["ema_better_fd"].items():
+        lines.append(f"{'real':8} {'-':>4} {num(floor['fd'], 10)} " + "".join(f"{num(floor['fd_planes'][p], 10)} " for p in planes)
+                     + f"{num(floor['mmd2_mean'], 10)} {num(summary.get('reference_ms_ssim'), 8, '.3f')}"
+                     f"   (training vs {summary['reference']}, N = {floor['n']}; MS-SSIM of real volumes)")
+    for k, better in (summary.get("ema_better_fd") or {}).items():
         lines.append(f"NFE {k}: FD(EMA) {'<' if better else '>='} FD(online)")
     return "\n".join(lines)

@@ -15,14 +15,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
     "MomentAccumulator",
+    "GaussianAccumulator",
     "frechet_distance",
+    "frechet_distance_of_fits",
+    "ms_ssim_diversity",
     "gaussian_fit",
     "histogram_overlap",
     "mean_pairwise_distance",
@@ -46,8 +49,11 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussian fits of two feature sets (N1, F) and (N2, F)."""
-    mu1, s1 = gaussian_fit(a)
-    mu2, s2 = gaussian_fit(b)
+    return frechet_distance_of_fits(*gaussian_fit(a), *gaussian_fit(b))
+
+
+def frechet_distance_of_fits(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two Gaussian fits (mean, covariance)."""
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature sets differ in dimension: {mu1.shape[0]} vs {mu2.shape[0]}")
     r = _psd_sqrt(s1)
@@ -55,6 +61,37 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
     value = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
     return max(value, 0.0)  # rounding can leave -1e-12 for identical sets
+
+
+class GaussianAccumulator:
+    """Mean and covariance (ddof 1) of feature rows fed in batches: float64 sums about the first batch's mean.
+
+    The 2.5D FID has one row per slice (about 100,000 rows of 2,048 for 500 volumes): the sums hold them in
+    two F x F matrices instead of gigabytes of rows.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: np.ndarray | None = None
+        self.s1 = np.zeros(0)
+        self.s2 = np.zeros((0, 0))
+
+    def add(self, rows: np.ndarray) -> None:
+        x = np.asarray(rows, dtype=np.float64)
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.s1, self.s2 = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+        d = x - self.shift
+        self.s1 += d.sum(0)
+        self.s2 += d.T @ d
+        self.n += x.shape[0]
+
+    def fit(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2 or self.shift is None:
+            raise ValueError(f"need at least 2 feature rows, got {self.n}")
+        m = self.s1 / self.n
+        cov = (self.s2 - self.n * np.outer(m, m)) / (self.n - 1)
+        return self.shift + m, (cov + cov.T) / 2
 
 
 def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -149,3 +186,50 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
     d2 = (sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T).clamp_min(0.0)
     iu = torch.triu_indices(n, n, offset=1)
     return float((d2[iu[0], iu[1]] / flat.shape[1]).sqrt().mean())
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, MONAI's default
+
+
+def ms_ssim_settings(side: int, kernel_size: int = 11) -> tuple[int, tuple[float, ...]]:
+    """(kernel size, scale weights) for volumes of smallest side `side`: MONAI's 5 scales where they fit.
+
+    MONAI's compute_ms_ssim needs side // (scales - 1)^2 > kernel - 1 and the coarsest scale at least as
+    large as the kernel; small volumes get fewer scales (weights renormalised to sum 1) and, below that, a
+    smaller odd kernel.
+    """
+    def fits(scales: int, k: int) -> bool:
+        return side // max(1, scales - 1) ** 2 > k - 1 and side // 2 ** (scales - 1) >= k
+
+    for scales in range(len(MS_SSIM_WEIGHTS), 0, -1):
+        if fits(scales, kernel_size):
+            w = np.asarray(MS_SSIM_WEIGHTS[:scales])
+            return kernel_size, tuple(float(v) for v in w / w.sum())
+    for k in range(kernel_size - 2, 2, -2):
+        if fits(1, k):
+            return k, (1.0,)
+    raise ValueError(f"volumes of side {side} are too small for MS-SSIM")
+
+
+@torch.no_grad()
+def ms_ssim_diversity(volumes: torch.Tensor, kernel_size: int = 11) -> dict[str, Any]:
+    """Mean MS-SSIM over all pairs i < j of volumes (B, 1, X, Y, Z), each min-max scaled to [0, 1] (data range 1).
+
+    Lower = more diverse. MONAI's compute_ms_ssim (Gaussian kernel, sigma 1.5) on every pair.
+    """
+    from monai.metrics.regression import compute_ms_ssim
+
+    b = volumes.shape[0]
+    if b < 2:
+        return {"mean": float("nan"), "pairs": 0}
+    v = volumes[:, :1].to(torch.float32)
+    lo = v.amin(dim=(1, 2, 3, 4), keepdim=True)
+    hi = v.amax(dim=(1, 2, 3, 4), keepdim=True)
+    v = (v - lo) / (hi - lo).clamp_min(1e-8)
+    k, weights = ms_ssim_settings(min(v.shape[2:]), kernel_size)
+    i, j = torch.triu_indices(b, b, offset=1)
+    values = []
+    for start in range(0, i.numel(), 8):
+        a, c = v[i[start : start + 8]], v[j[start : start + 8]]
+        values.append(compute_ms_ssim(a, c, spatial_dims=3, data_range=1.0, kernel_size=k, weights=weights).flatten())
+    return {"mean": float(torch.cat(values).double().mean()), "pairs": int(i.numel()), "kernel_size": k, "weights": list(weights)}

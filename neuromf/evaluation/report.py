@@ -95,28 +95,38 @@ def write_loss_curve(records: list[dict[str, Any]], lambda_mf: float, path: Path
 def _evaluation(run_dir: Path, n: Optional[int], mode: str, device: str, progress: bool) -> tuple[Optional[dict[str, Any]], str]:
     """(evaluation summary or None, how it was obtained).
 
-    mode 'auto': reuse evaluation/evaluation.json when it is of the same checkpoint file and step (and N, if
-    given), else evaluate; 'force': always evaluate; 'skip': reuse a matching one, never generate.
+    The feature space is the strongest the run-spec's evaluation section configures: a published extractor
+    (image-space FID) when it names one whose weights file exists, else the pooled FD, which the report
+    labels as not comparable with the literature. mode 'auto': reuse evaluation/evaluation.json when it is
+    of the same checkpoint file and step, feature space (and N, if given), else evaluate; 'force': always
+    evaluate; 'skip': reuse a matching one, never generate.
     """
     from neuromf.evaluation.evaluate import EvalOptions, evaluate_checkpoint
 
     path, _ = find_checkpoint(run_dir)
+    loaded = load_for_eval(path)
+    e = loaded.spec.evaluation
+    options = EvalOptions.from_spec(loaded.spec, n=n, device=device, progress=progress)
+    fallback = ""
+    if e.features != "pooled" and (e.weights is None or not Path(e.weights).is_file()):
+        fallback = f"; evaluation.features {e.features} configured but its weights file {e.weights} is missing, so the pooled FD"
+        options = EvalOptions.from_spec(loaded.spec, n=n, device=device, progress=progress, extractor="pooled", space="latent")
+        options.weights_file = None
     existing = run_dir / "evaluation" / "evaluation.json"
     if mode != "force" and existing.is_file():
         try:
             old = json.loads(existing.read_text(encoding="utf-8"))
-            from neuromf.train.checkpoint import load_checkpoint
-
-            step = int(load_checkpoint(path).get("global_step", -1))
-            if old.get("checkpoint") == str(path.resolve()) and old.get("global_step") == step and (n is None or old.get("n") == n):
-                return old, f"reused {existing.relative_to(run_dir)} (same checkpoint and step)"
+            same_space = (old.get("extractor") or {}).get("features", "pooled") == options.extractor and \
+                (old.get("extractor") or {}).get("space", "latent") == options.space
+            if old.get("checkpoint") == str(path.resolve()) and old.get("global_step") == loaded.global_step and same_space \
+                    and (n is None or old.get("n") == n):
+                return old, f"reused {existing.relative_to(run_dir)} (same checkpoint, step and feature space){fallback}"
         except (json.JSONDecodeError, OSError, ValueError):
             pass
     if mode == "skip":
         return None, "not evaluated (--no-evaluate, and no evaluation/evaluation.json of this checkpoint)"
-    loaded = load_for_eval(path)
-    summary = evaluate_checkpoint(loaded, EvalOptions(n=n, device=device, progress=progress), run_dir / "evaluation")
-    return summary, f"evaluated {path.name} now"
+    summary = evaluate_checkpoint(loaded, options, run_dir / "evaluation")
+    return summary, f"evaluated {path.name} now{fallback}"
 
 
 def verify_run(
@@ -223,23 +233,31 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
 
 
 def _evaluation_tables(ev: dict[str, Any]) -> list[str]:
+    from neuromf.evaluation.evaluate import fd_label
+
     fs = ev["feature_space"]
     lines = [
-        "## Samples vs held-out latents (P4-T6)",
+        "## Samples vs held-out data (P4-T6)",
         "",
         f"{Path(ev['checkpoint']).name}, step {ev['global_step']}, epoch {ev['epoch']}; N = {ev['n']} samples per row against "
-        f"{ev['n']} {ev['reference']} latents. Feature space `{fs['name']}` ({fs['dim']} dims): {fs['description']}. "
+        f"{ev['n']} {ev['reference']} volumes. FD column: {fd_label(ev)}. Feature space `{fs['name']}` ({fs['dim']} dims per volume): "
+        f"{fs['description']}"
+        + (f" (weights sha256 {ev['extractor']['weights_sha256']})" if (ev.get('extractor') or {}).get('weights_sha256') else "") + ". "
+        + (f"MS-SSIM of real volumes: {_fmt(ev.get('reference_ms_ssim'), '.3f')}. " if ev.get("reference_ms_ssim") is not None else "") +
         f"MMD² bandwidths {', '.join(_fmt(b, '.3g') for b in ev['mmd_bandwidths'])}. Diversity: mean pairwise RMS distance "
         f"(real latents: {_fmt(ev['reference_diversity'])}).",
         "",
-        "| Weights | NFE | FD | MMD² (mean) | Diversity | Diversity / real |",
-        "|---|---|---|---|---|---|",
+        "| Weights | NFE | FD | MMD² (mean) | MS-SSIM | Diversity | Diversity / real |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in ev["results"]:
-        lines.append(f"| {r['weights']} | {r['nfe']} | {_fmt(r['fd'])} | {_fmt(r['mmd2_mean'], '.3g')} | {_fmt(r['diversity'])} | {_fmt(r['diversity_ratio'], '.3f')} |")
+        planes = ", ".join(f"{p} {_fmt(v)}" for p, v in (r.get("fd_planes") or {}).items())
+        lines.append(f"| {r['weights']} | {r['nfe']} | {_fmt(r['fd'])}{f' ({planes})' if planes else ''} | {_fmt(r['mmd2_mean'], '.3g')} "
+                     f"| {_fmt(r.get('ms_ssim'), '.3f')} | {_fmt(r['diversity'])} | {_fmt(r['diversity_ratio'], '.3f')} |")
     floor = ev.get("reference_floor")
     if floor:
-        lines.append(f"| real (training vs validation) | - | {_fmt(floor['fd'])} | {_fmt(floor['mmd2_mean'], '.3g')} | - | - |")
+        lines.append(f"| real (training vs {ev['reference']}) | - | {_fmt(floor['fd'])} | {_fmt(floor['mmd2_mean'], '.3g')} "
+                     f"| {_fmt(ev.get('reference_ms_ssim'), '.3f')} | - | - |")
     lines += [
         "",
         "## Latent statistics (P4-T7)",

@@ -325,6 +325,37 @@ class SamplingSpec(Section):
         return v
 
 
+class EvaluationSpec(Section):
+    """How `neuromf evaluate`, `neuromf verify` and periodic evaluation compare samples with real data."""
+
+    features: Literal["pooled", "medicalnet3d", "radimagenet2p5d"] = Field(
+        "pooled",
+        description="pooled: weight-free pooled statistics (not comparable with papers); medicalnet3d: a MedicalNet 3D "
+        "ResNet (FID on whole volumes); radimagenet2p5d: RadImageNet ResNet50 on axial, coronal and sagittal slices (MAISI's 2.5D FID).",
+    )
+    weights: Optional[Path] = Field(None, description="The extractor's weights file (staged by the user; never downloaded).")
+    space: Optional[Literal["image", "latent"]] = Field(
+        None, description="image: decode samples and reference latents with the VAE first; latent: compare latents "
+        "(pooled only). Default: image for the extractors, latent for pooled.",
+    )
+    n: Optional[int] = Field(None, ge=2, description="Samples and reference volumes (default: min(500, reference split)).")
+    diversity_samples: int = Field(16, ge=2, description="Volumes per set for the mean pairwise MS-SSIM (all pairs).")
+    every_n_epochs: Optional[int] = Field(None, ge=1, description="Periodic small-N FID of the EMA weights during training (off: None).")
+    periodic_n: int = Field(16, ge=2, description="Samples and reference volumes of the periodic evaluation.")
+
+    @property
+    def resolved_space(self) -> Literal["image", "latent"]:
+        return self.space or ("latent" if self.features == "pooled" else "image")
+
+    @model_validator(mode="after")
+    def _check_extractor(self) -> "EvaluationSpec":
+        if self.features != "pooled" and self.weights is None:
+            raise ValueError(f"weights: required with features {self.features} (the file is staged by you; nothing is downloaded)")
+        if self.features != "pooled" and self.space == "latent":
+            raise ValueError(f"space: {self.features} works on decoded images; use space image (or features pooled)")
+        return self
+
+
 class RunSpec(Section):
     """A whole training run."""
 
@@ -341,6 +372,7 @@ class RunSpec(Section):
     logging: LoggingSpec = LoggingSpec()
     vae: VAESpec = VAESpec()
     sampling: SamplingSpec = SamplingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
 
     @model_validator(mode="after")
     def _check_cross_sections(self) -> "RunSpec":

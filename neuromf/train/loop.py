@@ -43,6 +43,7 @@ from neuromf.spec.schema import RunSpec
 from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, capture_rng_states, load_checkpoint, restore_rng_states
 from neuromf.train.distributed import is_collective_error, setup_distributed
 from neuromf.train.ema import EMA
+from neuromf.train.periodic_eval import periodic_evaluation, periodic_evaluation_due
 from neuromf.train.run_log import RunLog
 from neuromf.train.runtime import autocast_dtype, configure_torch, total_steps
 from neuromf.train.schedule import build_optimizer, build_scheduler
@@ -328,6 +329,9 @@ class Trainer:
             self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
         if self.dist.is_main and (final or epoch % spec.sampling.every_n_epochs == 0):
             self._samples(epoch)  # the other ranks go on and wait in the next step's all-reduce
+        if self.dist.is_main and periodic_evaluation_due(spec, epoch, final):
+            self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
+            self.log.log(periodic_evaluation(spec, self.ema_net, self.data, epoch, self.progress.global_step, self.device))
         self.progress.finished = final
         self.save_latest()
 
@@ -355,6 +359,7 @@ class Trainer:
         nets = {"ema": self.ema_net, "online": self.net}
         folder = write_periodic_samples(self.spec, {w: nets[w] for w in self.spec.sampling.weights}, self.data.stats, epoch, self.device)
         self.log.event(self.progress.global_step, f"samples of epoch {epoch} in {folder}")
+        self.log.log_images(self.progress.global_step, epoch, {p.name.removesuffix("_grid.png"): p for p in sorted(folder.glob("*_grid.png"))})
 
 
 def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> int:

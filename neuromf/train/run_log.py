@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,7 +68,7 @@ class RunLog:
         # Keep the id in the run folder: a resumed or requeued job continues the same wandb run.
         id_file = self.run_dir / "wandb_run_id.txt"
         if not id_file.exists():
-            atomic_write_text(id_file, wandb.util.generate_id())
+            atomic_write_text(id_file, uuid.uuid4().hex[:8])  # wandb 0.31 has no wandb.util.generate_id
         return wandb.init(
             project=self.spec.logging.wandb_project,
             name=self.spec.name,
@@ -89,6 +90,16 @@ class RunLog:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in {"step", "time"}}
             if numbers:
                 self._wandb.log(numbers, step=record["step"])
+
+    def log_images(self, step: int, epoch: int, images: dict[str, Path]) -> None:
+        """Send PNGs (periodic sample grids) to wandb as images at `step`, with their epoch; no-op without wandb."""
+        if self._wandb is None or not images:
+            return
+        import wandb
+
+        entries: dict[str, Any] = {f"samples/{label}": wandb.Image(str(path), caption=f"{label}, epoch {epoch}")
+                                   for label, path in images.items()}
+        self._wandb.log({**entries, "epoch": epoch}, step=step)
 
     def event(self, step: int, message: str, **fields: Any) -> None:
         self.log({"step": step, "event": message, **fields})
