@@ -89,7 +89,7 @@ def test_checkpoint_rotation_and_damaged_newest_falls_back(tmp_path: Path, capsy
     ckpts.latest.write_bytes(data[: len(data) // 2])
     path, state = ckpts.load_newest()
     assert path.name == "latest.prev.pt" and state["global_step"] == 2
-    assert "skipping damaged checkpoint latest.pt" in capsys.readouterr().err
+    assert "skipping damaged checkpoint latest.pt: " in capsys.readouterr().err
 
 
 def test_no_checkpoint_means_none(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     options = EvalOptions(n=args.n, nfe=args.nfe, seed=args.seed, reference=args.reference, batch_size=args.batch_size,
                           device=args.device, progress=not args.no_progress)
     out_dir = Path(args.out) if args.out else loaded.run_dir / "evaluation"
+    check_output(out_dir, "--out" if args.out else "RUN_DIR", folder=True)  # a read-only run folder: now, not after the work
     summary = evaluate_checkpoint(loaded, options, out_dir)
     if args.json_out:
         atomic_write_text(Path(args.json_out), to_json(summary))

@@ -202,11 +202,12 @@ class CheckpointDir:
             try:
                 state = load_checkpoint(path, map_location)
                 check_resumable(state, path)
-                return path, state
             except Exception as e:  # a damaged file can fail in many ways inside torch.load
-                reason = first_line(e)
-                reasons.append(f"  {path.name}: {reason}")
-                print(f"skipping damaged checkpoint {path.name}: {reason}", file=sys.stderr, flush=True)
+                reasons.append(f"  {path.name}: {first_line(e)}")
+                continue
+            for reason in reasons:
+                print(f"skipping damaged checkpoint {reason.strip()}", file=sys.stderr, flush=True)
+            return path, state
         if candidates:
             raise UserError(
                 f"--resume auto: none of the {len(candidates)} checkpoint(s) in {self.folder} can be loaded; "

@@ -8,6 +8,7 @@ nothing on disk.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +31,12 @@ def claim_run_folder(spec: RunSpec, checkpoints: CheckpointDir, resuming: bool, 
     lock: Optional[RunLock] = None
     with dist.main_first("locking the run folder"):
         if dist.is_main:
-            lock = RunLock.acquire(spec.paths.run_dir)
+            lock = RunLock.acquire(spec.paths.run_dir)  # also the check that the run folder is writable
+            for sub in ("checkpoints", "samples"):
+                folder = spec.paths.run_dir / sub
+                if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                    lock.release()
+                    raise UserError(f"paths.run_dir: {folder} is not writable; nothing was changed")
             existing = checkpoints.resume_candidates() + [p for p in [checkpoints.staged] if p.exists()]
             if existing and not resuming:
                 lock.release()
