@@ -330,7 +330,8 @@ class Trainer:
         spec, p = self.spec, self.progress
         p.pending_epoch_end = epoch
         try:
-            if final or epoch % spec.logging.val_every_n_epochs == 0:
+            validated = bool(p.history["val"]) and p.history["val"][-1].get("epoch") == epoch  # (a redo after a stop)
+            if (final or epoch % spec.logging.val_every_n_epochs == 0) and not validated:
                 self._validate(epoch)
             if self.dist.is_main and (final or epoch % spec.checkpoint.save_every_n_epochs == 0):
                 self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
