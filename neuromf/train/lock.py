@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from neuromf.atomic import pid_alive, write_error
 from neuromf.errors import UserError

@@ -102,7 +102,7 @@ class Trainer:
         # Lock, tidy and pick the checkpoint before anything is built or packed: a refusal changes nothing on disk.
         self.checkpoints = CheckpointDir(spec.paths.run_dir, spec.checkpoint.keep_last)
         resuming = resume is not None and not dry_run
-        self.run_lock = claim_run_folder(spec, self.checkpoints, resuming, self.dist)
+        self.run_lock = claim_run_folder(spec, self.checkpoints, resuming, self.dist, dry_run)
         found = load_resume_state(resume, self.checkpoints, self.dist, self.device) if resuming else None
         if found is not None:
             check_compatible(spec, *found)

@@ -26,7 +26,9 @@ from neuromf.train.lock import RunLock
 DATA_IDENTITY = ("source", "val_fraction", "split_seed", "demo")
 
 
-def claim_run_folder(spec: RunSpec, checkpoints: CheckpointDir, resuming: bool, dist: Dist) -> Optional[RunLock]:
+def claim_run_folder(
+    spec: RunSpec, checkpoints: CheckpointDir, resuming: bool, dist: Dist, dry_run: bool = False
+) -> Optional[RunLock]:
     """Rank 0: lock the run folder, remove temporaries of killed writes, and refuse a fresh start over checkpoints."""
     lock: Optional[RunLock] = None
     with dist.main_first("locking the run folder"):
@@ -40,9 +42,10 @@ def claim_run_folder(spec: RunSpec, checkpoints: CheckpointDir, resuming: bool, 
             existing = checkpoints.resume_candidates() + [p for p in [checkpoints.staged] if p.exists()]
             if existing and not resuming:
                 lock.release()
+                instead = ("a dry run would reset its training log: dry-run into a new paths.run_dir" if dry_run
+                           else "continue it with --resume auto, or use a new paths.run_dir")
                 raise UserError(f"paths.run_dir: {spec.paths.run_dir} already holds checkpoints "
-                                f"({', '.join(p.name for p in existing)}); continue it with --resume auto, or use a new "
-                                "paths.run_dir (nothing was changed)")
+                                f"({', '.join(p.name for p in existing)}); {instead} (nothing was changed)")
             for path in remove_stale_temporaries(spec.paths.run_dir):
                 print(f"removed {path} (left by a killed write)", file=sys.stderr)
             checkpoints.recover_staged()
