@@ -28,7 +28,7 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -77,22 +77,27 @@ def restore_rng_states(state: dict[str, Any], extra: Optional[dict[str, torch.Ge
 # ---------------------------------------------------------------- integrity
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
-    """Hash `obj` by content: tensors by dtype, shape and bytes; containers by their items in order."""
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    h = hashlib.sha256(f"T{t.dtype}{tuple(t.shape)};".encode())
+    if t.numel():
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.digest()
+
+
+def _feed(h: Any, obj: Any, tensors: Iterator[bytes]) -> None:
+    """Hash `obj` by content: tensors by their digests (dtype, shape, bytes); containers by their items in order."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        h.update(next(tensors))
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)};".encode())
         for k, v in obj.items():
-            _feed(h, k)
-            _feed(h, v)
+            _feed(h, k, tensors)
+            _feed(h, v, tensors)
     elif isinstance(obj, (list, tuple)):
         h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
         for v in obj:
-            _feed(h, v)
+            _feed(h, v, tensors)
     elif isinstance(obj, float):
         h.update(f"F{obj.hex()};".encode())
     elif obj is None or isinstance(obj, (bool, int, str, bytes, torch.dtype, torch.device)):
@@ -101,10 +106,30 @@ def _feed(h: "hashlib._Hash", obj: Any) -> None:
         raise TypeError(f"cannot digest a {type(obj).__name__} in a checkpoint")
 
 
+def _tensors_of(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors_of(k)
+            yield from _tensors_of(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_of(v)
+
+
 def state_digest(state: dict[str, Any]) -> str:
-    """sha256 of a checkpoint's content (every key but the digest itself)."""
+    """sha256 of a checkpoint's content (every key but the digest itself).
+
+    The tensors are hashed on several threads (hashlib releases the GIL): a production checkpoint holds GBs.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    content = {k: v for k, v in state.items() if k != DIGEST_KEY}
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_tensor_digest, _tensors_of(content)))
     h = hashlib.sha256()
-    _feed(h, {k: v for k, v in state.items() if k != DIGEST_KEY})
+    _feed(h, content, iter(digests))
     return h.hexdigest()
 
 
