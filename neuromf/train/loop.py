@@ -251,7 +251,7 @@ class Trainer:
                 self.log.say(f"redoing the end of epoch {p.pending_epoch_end} (interrupted by a stop signal)")
                 self._end_of_epoch(p.pending_epoch_end, final=p.global_step >= self.total_steps)
                 epoch_done = True
-                if stop.requested:
+                if stop.requested and not self.dist.enabled:  # (several processes agree on stops in the loop)
                     return self._stop(stop.requested)
             while p.global_step < self.total_steps:
                 batch = self.batches.next_batch()
@@ -307,7 +307,7 @@ class Trainer:
                     return self._stop(signal.Signals(requested).name)
             if not epoch_done:  # max_steps ended inside epoch p.epoch + 1: validate, sample and save it as that
                 self._end_of_epoch(p.epoch + 1, final=True)
-                if stop.requested:
+                if stop.requested and not self.dist.enabled:
                     return self._stop(stop.requested)
         self.log.say(f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}")
         self.log.close()
