@@ -307,8 +307,8 @@ class Trainer:
                     return self._stop(signal.Signals(requested).name)
             if not epoch_done:  # max_steps ended inside epoch p.epoch + 1: validate, sample and save it as that
                 self._end_of_epoch(p.epoch + 1, final=True)
-                if stop.requested and not self.dist.enabled:
-                    return self._stop(stop.requested)
+                if p.pending_epoch_end and not self.dist.enabled:  # interrupted by a stop: save it as pending
+                    return self._stop(stop.requested or "SIGTERM")
         self.log.say(f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}")
         self.log.close()
         return 0
