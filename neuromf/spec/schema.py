@@ -9,40 +9,18 @@ a job.
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from neuromf.spec.kinds import type_problem
+
 # MAISI's MR VAE scales latents by this factor before the diffusion model sees them.
 MAISI_SCALE_FACTOR = 0.96240234375
 
 
-SEED_LIMIT = 2**32  # numpy and every torch generator accept seeds in [0, 2^32)
 NOISE_BYTES_LIMIT = 2 * 2**30  # sampling.n_samples: the fixed noise and its samples are held at once
-
-
-def _takes(annotation: Any, kind: type) -> bool:
-    """Does a field annotation accept `kind` (int, bool) directly or inside Optional/list/tuple?"""
-    if annotation is kind:
-        return True
-    return any(_takes(a, kind) for a in typing.get_args(annotation) if a is not Ellipsis)
-
-
-def _type_problem(name: str, annotation: Any, value: Any) -> Optional[str]:
-    """YAML `true` is not 1 and `1` is not true: booleans and integers never stand in for each other."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    number = _takes(annotation, int) or _takes(annotation, float)
-    if number and not _takes(annotation, bool) and any(isinstance(v, bool) for v in values):
-        return f"{name}: expected a number, got a boolean ({value!r})"
-    if _takes(annotation, bool) and not _takes(annotation, int) and any(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-    ):
-        return f"{name}: expected true or false, got {value!r}"
-    if (name == "seed" or name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < SEED_LIMIT:
-        return f"{name}: {value} is outside [0, 2^32)"
-    return None
 
 
 class Section(BaseModel):
@@ -56,7 +34,7 @@ class Section(BaseModel):
         if isinstance(data, dict):
             for name, value in data.items():
                 field = cls.model_fields.get(name) if isinstance(name, str) else None
-                problem = _type_problem(name, field.annotation, value) if field is not None else None
+                problem = type_problem(name, field.annotation, value) if field is not None else None
                 if problem:
                     raise ValueError(problem)
         return data
