@@ -253,6 +253,7 @@ def _bad_inputs(tiny_run: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     state = torch.load(tiny_run / "checkpoints" / "latest.pt", weights_only=True)
+    del state["sha256"]  # edited below and saved without its digest: loaded unverified, like older files
     state["config"]["model"]["channels"] = [16, 32, 64, 128]  # weights no longer fit the network it names
     wrong = tmp_path / "incompatible.pt"
     torch.save(state, wrong)
@@ -313,6 +314,7 @@ def test_sample_decodes_through_the_vae_of_the_run_spec(tiny_run: Path, tmp_path
     weights = tmp_path / "vae.pt"
     torch.save({"unet_state_dict": build_vae(VAESpec(**vae_raw)).state_dict()}, weights)
     state = torch.load(tiny_run / "checkpoints" / "latest.pt", weights_only=True)
+    del state["sha256"]  # edited below and saved without its digest: loaded unverified, like older files
     state["config"]["vae"] = vae_raw
     state["config"]["paths"]["vae_weights"] = str(weights)
     ckpt = tmp_path / "with_vae.pt"

@@ -13,7 +13,9 @@ import torch
 
 from neuromf.spec import RunSpec
 from neuromf.spec.schema import TrainingSpec
-from neuromf.train.checkpoint import CheckpointDir, assert_finite, capture_rng_states, load_checkpoint, restore_rng_states
+from neuromf.train.checkpoint import (
+    FORMAT, RESUME_KEYS, CheckpointDir, assert_finite, capture_rng_states, load_checkpoint, restore_rng_states,
+)
 from neuromf.train.ema import EMA, decay_for_half_life
 from neuromf.train.run_log import RunLog
 from neuromf.train.schedule import lr_factor
@@ -67,20 +69,27 @@ def test_rng_states_round_trip_and_load_with_weights_only(tmp_path: Path) -> Non
     torch.testing.assert_close(expected[3], again[3])
 
 
+def resumable(step: int) -> dict:
+    """The smallest state a resume accepts (every key it reads)."""
+    state = {k: {} for k in RESUME_KEYS}
+    state.update(format=FORMAT, global_step=step, model_state_dict={"w": torch.full((100,), float(step))})
+    return state
+
+
 def test_checkpoint_rotation_and_damaged_newest_falls_back(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ckpts = CheckpointDir(tmp_path, keep_last=2)
     for step in range(1, 4):
-        ckpts.save_latest({"format": "neuromf-checkpoint-v1", "global_step": step, "w": torch.full((100,), float(step))})
+        ckpts.save_latest(resumable(step))
     for epoch in range(1, 5):
-        ckpts.save_epoch({"format": "neuromf-checkpoint-v1", "global_step": 0}, epoch)
+        ckpts.save_epoch(resumable(0), epoch)
     names = sorted(p.name for p in ckpts.folder.iterdir())
     assert names == ["epoch_0003.pt", "epoch_0004.pt", "latest.prev.pt", "latest.pt"]  # nothing temporary left
     # make latest.pt the newest and damage it: resume must fall back to the next newest complete file
     data = ckpts.latest.read_bytes()
     ckpts.latest.write_bytes(data[: len(data) // 2])
     path, state = ckpts.load_newest()
-    assert path.name != "latest.pt"
-    assert "skipping damaged checkpoint latest.pt" in capsys.readouterr().err
+    assert path.name == "latest.prev.pt" and state["global_step"] == 2
+    assert "skipping damaged checkpoint latest.pt: " in capsys.readouterr().err
 
 
 def test_no_checkpoint_means_none(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from neuromf.atomic import check_output
     from neuromf.errors import UserError
     from neuromf.evaluation.evaluate import resolve_device
     from neuromf.evaluation.report import verify_run
@@ -36,6 +37,12 @@ def run(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 2:
         raise UserError(f"--n {args.n}: FD and MMD need at least 2 samples")
     resolve_device(args.device)
+    run_dir = Path(args.run_dir)
+    if run_dir.is_dir():  # (not a run folder at all: verify_run says so)
+        # The report goes into the run folder, a new evaluation into evaluation/: check before any work.
+        check_output(run_dir / "verification_report.md", "RUN_DIR")
+        if not args.no_evaluate:
+            check_output(run_dir / "evaluation", "RUN_DIR", folder=True)
     mode = "skip" if args.no_evaluate else "force" if args.re_evaluate else "auto"
     report = verify_run(Path(args.run_dir), n=args.n, evaluation=mode, device=args.device, progress=not args.no_progress)
     width = max(len(t["status"]) for t in report["tests"])

@@ -29,6 +29,91 @@ class SpecError(UserError):
 # ---------------------------------------------------------------- reading
 
 
+MAX_SPEC_BYTES = 1 << 20  # a run-spec is a few KB; anything near this is not one
+MAX_SET_BYTES = 64 << 10  # one --set value
+MAX_NODES = 100_000  # YAML nodes after expanding aliases (a "billion laughs" file expands to 10^9)
+MAX_DEPTH = 32  # nesting of mappings/lists (a run-spec needs 4)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (instead of keeping the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+                    )
+                seen[key] = line
+            except TypeError:
+                pass  # an unhashable key: SafeLoader reports it below
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Refuse alias bombs and deep nesting before anything is built from the node graph."""
+    sizes: dict[int, int] = {}
+
+    def walk(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise _TooBig(node, f"nesting deeper than {MAX_DEPTH} levels")
+        if id(node) in sizes:  # an alias: counted again in full, as if written out
+            return sizes[id(node)]
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        total = 1
+        for child in children:
+            total += walk(child, depth + 1)
+            if total > MAX_NODES:
+                raise _TooBig(node, f"more than {MAX_NODES} values once aliases are expanded (an alias bomb?)")
+        sizes[id(node)] = total
+        return total
+
+    walk(root, 0)
+
+
+class _TooBig(Exception):
+    def __init__(self, node: yaml.Node, what: str) -> None:
+        super().__init__(f"line {node.start_mark.line + 1}: {what}")
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse one YAML document safely: no duplicate keys, no alias bombs, bounded nesting.
+
+    Raises yaml.YAMLError for syntax errors and duplicates (with a mark), _TooBig for the limits.
+    """
+    loader = _StrictLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise _TooBig(yaml.ScalarNode("", "", loader.get_mark(), loader.get_mark()), f"nesting deeper than {MAX_DEPTH} levels") from None
+        if node is None:
+            return None
+        _check_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+    return f"{kind} at {where}: {problem}"
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a run-spec file into a mapping, with one clear line for each way that can fail."""
     if not path.exists():
@@ -36,16 +121,18 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise SpecError(f"{path}: is a folder, not a run-spec file")
     try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: {size} bytes; a run-spec is at most {MAX_SPEC_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{path}: YAML syntax error at {where}: {problem}") from None
+        raise SpecError(f"{path}: {_yaml_problem(e)}") from None
+    except _TooBig as e:
+        raise SpecError(f"{path}: {e}") from None
     if raw is None:
         raise SpecError(f"{path}: the file is empty; a run-spec is a mapping of sections (model, training, ...)")
     if not isinstance(raw, dict):
@@ -65,10 +152,16 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not key or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
             problems.append(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. training.lr=2e-4")
             continue
+        if len(text.encode("utf-8")) > MAX_SET_BYTES:
+            problems.append(f"{key}: --set value of {len(text)} characters; at most {MAX_SET_BYTES}")
+            continue
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            problems.append(f"{key}: --set value {text!r} is not valid YAML")
+            value = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"{key}: --set value is not valid YAML ({_yaml_problem(e)})")
+            continue
+        except _TooBig as e:
+            problems.append(f"{key}: --set value: {e}")
             continue
         # YAML reads 1e-4 (no dot) as a string; users mean a number.
         if isinstance(value, str):

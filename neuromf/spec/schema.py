@@ -10,18 +10,34 @@ a job.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from neuromf.spec.kinds import type_problem
 
 # MAISI's MR VAE scales latents by this factor before the diffusion model sees them.
 MAISI_SCALE_FACTOR = 0.96240234375
 
 
-class Section(BaseModel):
-    """Base of every run-spec section: unknown keys are errors, assignments are checked."""
+NOISE_BYTES_LIMIT = 2 * 2**30  # sampling.n_samples: the fixed noise and its samples are held at once
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class Section(BaseModel):
+    """Base of every run-spec section: unknown keys are errors, assignments are checked, floats are finite."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_kinds(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                problem = type_problem(name, field.annotation, value) if field is not None else None
+                if problem:
+                    raise ValueError(problem)
+        return data
 
 
 class ModelSpec(Section):
@@ -102,6 +118,10 @@ class ModelSpec(Section):
                 raise ValueError(
                     f"num_head_channels: channels {self.channels[i]} of level {i} is not divisible by {head}"
                 )
+        if self.num_head_channels[-1] <= 0 or self.channels[-1] % self.num_head_channels[-1]:
+            # MONAI's middle block always has self-attention, with the last level's head channels.
+            raise ValueError(f"num_head_channels: the last level's entry ({self.num_head_channels[-1]}) must be > 0 "
+                             f"and divide its channels ({self.channels[-1]}): the middle block always has attention")
         for axis, size in zip("DHW", self.spatial_size):
             if size < 1 or size % self.downsampling:
                 raise ValueError(
@@ -255,7 +275,7 @@ class HardwareSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nodes: int = Field(1, ge=1, description="Nodes of a multi-GPU run (one process per GPU, launched by srun or torchrun).")
     gpus_per_node: int = Field(1, ge=1, description="GPUs (= processes) per node; training.batch_size stays the global batch.")
-    num_threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch (None: torch's default).")
+    num_threads: Optional[int] = Field(None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
     collective_timeout_s: int = Field(
         1800, ge=10, description="Multi-process runs: how long a rank waits for the others in a collective "
         "(gradient all-reduce, barrier) before failing with an error instead of hanging."
@@ -392,6 +412,13 @@ class RunSpec(Section):
                 f"model.spatial_size: {list(self.model.spatial_size)} differs from the demo volumes' size "
                 f"{self.data.demo.size} (data.demo.size)"
             )
+        noise_bytes = self.sampling.n_samples * self.model.in_channels * 4
+        for size in self.model.spatial_size:
+            noise_bytes *= size
+        if noise_bytes > NOISE_BYTES_LIMIT:
+            raise ValueError(f"sampling.n_samples: {self.sampling.n_samples} samples of {self.model.in_channels} x "
+                             f"{list(self.model.spatial_size)} need {noise_bytes / 2**30:.1f} GiB for the noise alone "
+                             f"(at most {NOISE_BYTES_LIMIT // 2**30} GiB)")
         if self.data.source == "demo" and self.model.in_channels != 4:
             raise ValueError("model.in_channels: the demo data has 4 channels")
         if self.hardware.device == "cpu" and self.training.precision == "bf16":

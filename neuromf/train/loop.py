@@ -32,6 +32,7 @@ import copy
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,14 +41,15 @@ import torch
 
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
-from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, capture_rng_states, load_checkpoint, restore_rng_states
+from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, capture_rng_states, restore_rng_states
 from neuromf.train.distributed import is_collective_error, setup_distributed
 from neuromf.train.ema import EMA
 from neuromf.train.periodic_eval import periodic_evaluation, periodic_evaluation_due
 from neuromf.train.run_log import RunLog
 from neuromf.train.runtime import autocast_dtype, configure_torch, total_steps
 from neuromf.train.schedule import build_optimizer, build_scheduler
-from neuromf.train.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
+from neuromf.train.resume import check_compatible, claim_run_folder, load_resume_state
+from neuromf.train.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopInterrupt, StopRequest
 from neuromf.train.step import ComputeFn, chunk_generator, train_step, validation_losses
 
 __all__ = ["Trainer", "TrainingDiverged", "chunk_generator", "train", "train_step", "validation_losses"]
@@ -67,6 +69,7 @@ class Progress:
     consecutive_bad: int = 0
     best_val: float = math.inf
     finished: bool = False  # the final validation, samples and checkpoint are done: a resume has nothing to do
+    pending_epoch_end: int = 0  # a stop signal interrupted this epoch's validation/samples: redone on resume
     history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "val": []})
 
 
@@ -97,6 +100,13 @@ class Trainer:
         configure_torch(spec, self.device)
         self.dtype = autocast_dtype(spec, self.device)
         world, rank = self.dist.world_size, self.dist.rank
+        # Lock, tidy and pick the checkpoint before anything is built or packed: a refusal changes nothing on disk.
+        self.checkpoints = CheckpointDir(spec.paths.run_dir, spec.checkpoint.keep_last)
+        resuming = resume is not None and not dry_run
+        self.run_lock = claim_run_folder(spec, self.checkpoints, resuming, self.dist, dry_run)
+        found = load_resume_state(resume, self.checkpoints, self.dist, self.device) if resuming else None
+        if found is not None:
+            check_compatible(spec, *found)
         with self.dist.main_first("preparing the data"):  # rank 0 packs the shard; the others only read it
             self.data = prepare_data(spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main)
         # training.batch_size is the GLOBAL batch: each rank takes its block of batch_size / world_size.
@@ -126,8 +136,8 @@ class Trainer:
         self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, spec.training)
         self.progress = Progress()
-        self.checkpoints = CheckpointDir(spec.paths.run_dir, spec.checkpoint.keep_last)
-        resumed_from = self._resume(resume) if resume and not dry_run else None
+        resumed_from = self._resume(*found) if found is not None else None
+        self._interruptible: Callable[[], Any] = nullcontext
         # Wrapped after loading, so DDP's initial broadcast (rank 0's weights to all) sends the resumed ones.
         self.grad_net: torch.nn.Module = self.net
         if self.dist.enabled:
@@ -151,22 +161,8 @@ class Trainer:
 
     # ------------------------------------------------------------ resume and checkpoints
 
-    def _resume(self, resume: str) -> Optional[Path]:
-        """Load a checkpoint into every rank: with 'auto', rank 0 picks the newest good one and tells the others."""
-        if resume == "auto":
-            found = self.checkpoints.load_newest(self.device) if self.dist.is_main else None
-            chosen = self.dist.broadcast(None if found is None else str(found[0]), "agreeing on the checkpoint to resume from")
-            if chosen is None:
-                if self.dist.is_main:
-                    print("no checkpoint to resume from: starting fresh")
-                return None
-            path = Path(chosen)
-            state = found[1] if found is not None else self._load(path)
-        else:
-            path = Path(resume)
-            state = self._load(path)
-        if state["config"]["model"] != self.spec.model.model_dump(mode="json"):
-            raise UserError(f"--resume: {path} was trained with a different model section; start a new run_dir")
+    def _resume(self, path: Path, state: dict[str, Any]) -> Path:
+        """Load a checkpoint (chosen and checked by neuromf/train/resume.py) into this rank's objects."""
         self.net.load_state_dict(state["model_state_dict"])
         self.ema.load_full_state_dict(state["ema_all"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
@@ -175,14 +171,6 @@ class Trainer:
         restore_rng_states(state["rng"])  # kept for completeness: the loss noise is a function of the step
         self.progress = Progress(**state["progress"])
         return path
-
-    def _load(self, path: Path) -> dict[str, Any]:
-        try:
-            return load_checkpoint(path, self.device)
-        except FileNotFoundError:
-            raise UserError(f"--resume: {path} does not exist") from None
-        except Exception as e:
-            raise UserError(f"--resume: {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
     def checkpoint_state(self) -> dict[str, Any]:
         model_state, ema_state = self.net.state_dict(), self.ema.state_dict()
@@ -257,6 +245,15 @@ class Trainer:
         epoch_done = False
         self.net.train()
         with StopRequest() as stop:
+            # A stop signal interrupts validation and sampling (redone after resume) instead of waiting for them.
+            # Not with several processes: one rank leaving a collective early would hang the others.
+            self._interruptible = nullcontext if self.dist.enabled else stop.interruptible
+            if p.pending_epoch_end:
+                self.log.say(f"redoing the end of epoch {p.pending_epoch_end} (interrupted by a stop signal)")
+                self._end_of_epoch(p.pending_epoch_end, final=p.global_step >= self.total_steps)
+                epoch_done = True
+                if stop.requested and not self.dist.enabled:  # (several processes agree on stops in the loop)
+                    return self._stop(stop.requested)
             while p.global_step < self.total_steps:
                 batch = self.batches.next_batch()
                 applied, metrics = self._step(batch)
@@ -308,31 +305,47 @@ class Trainer:
                 # over all ranks, once per step, so that all stop after the same step.
                 requested = self.dist.max_int(signal.Signals[stop.requested].value if stop.requested else 0, "sharing stop requests")
                 if requested:
-                    name = signal.Signals(requested).name
-                    code = INTERRUPT_EXIT_CODE if name == "SIGINT" else REQUEUE_EXIT_CODE
-                    path = self.save_latest()
-                    self.log.event(p.global_step, f"{name}: saved {path} at step {p.global_step}; exiting with {code}")
-                    self.log.close()
-                    return code
+                    return self._stop(signal.Signals(requested).name)
             if not epoch_done:  # max_steps ended inside epoch p.epoch + 1: validate, sample and save it as that
                 self._end_of_epoch(p.epoch + 1, final=True)
+                if p.pending_epoch_end and not self.dist.enabled:  # interrupted by a stop: save it as pending
+                    return self._stop(stop.requested or "SIGTERM")
         self.log.say(f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}")
         self.log.close()
         return 0
 
+    def _stop(self, name: str) -> int:
+        """A stop signal: save latest.pt (with any interrupted epoch end marked pending), exit 75 (or 130)."""
+        p = self.progress
+        code = INTERRUPT_EXIT_CODE if name == "SIGINT" else REQUEUE_EXIT_CODE
+        path = self.save_latest()
+        pending = f" (epoch {p.pending_epoch_end}'s validation/samples are redone on resume)" if p.pending_epoch_end else ""
+        self.log.event(p.global_step, f"{name}: saved {path} at step {p.global_step}{pending}; exiting with {code}")
+        self.log.close()
+        return code
+
     def _end_of_epoch(self, epoch: int, final: bool) -> None:
-        """Epoch `epoch` (counted from 1) just ended: validation, checkpoints and samples as the run-spec asks."""
-        spec = self.spec
-        if final or epoch % spec.logging.val_every_n_epochs == 0:
-            self._validate(epoch)
-        if self.dist.is_main and (final or epoch % spec.checkpoint.save_every_n_epochs == 0):
-            self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
-        if self.dist.is_main and (final or epoch % spec.sampling.every_n_epochs == 0):
-            self._samples(epoch)  # the other ranks go on and wait in the next step's all-reduce
-        if self.dist.is_main and periodic_evaluation_due(spec, epoch, final):
-            self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
-            self.log.log(periodic_evaluation(spec, self.ema_net, self.data, epoch, self.progress.global_step, self.device))
-        self.progress.finished = final
+        """Epoch `epoch` (counted from 1) just ended: validation, checkpoints and samples as the run-spec asks.
+
+        A stop signal during validation or sampling leaves `pending_epoch_end` set (the caller saves and exits)."""
+        spec, p = self.spec, self.progress
+        p.pending_epoch_end = epoch
+        try:
+            validated = bool(p.history["val"]) and p.history["val"][-1].get("epoch") == epoch  # (a redo after a stop)
+            if (final or epoch % spec.logging.val_every_n_epochs == 0) and not validated:
+                self._validate(epoch)
+            if self.dist.is_main and (final or epoch % spec.checkpoint.save_every_n_epochs == 0):
+                self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
+            if self.dist.is_main and (final or epoch % spec.sampling.every_n_epochs == 0):
+                self._samples(epoch)  # the other ranks go on and wait in the next step's all-reduce
+            if self.dist.is_main and periodic_evaluation_due(spec, epoch, final):
+                self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
+                with self._interruptible():
+                    self.log.log(periodic_evaluation(spec, self.ema_net, self.data, epoch, p.global_step, self.device))
+        except StopInterrupt:
+            return
+        p.pending_epoch_end = 0
+        p.finished = final
         self.save_latest()
 
     def _validate(self, epoch: int) -> None:
@@ -341,9 +354,10 @@ class Trainer:
             return
         self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
         record: dict[str, Any] = {"step": p.global_step, "epoch": epoch}
-        for label, net in (("val", self.ema_net), ("val_online", self.net)):
-            losses = validation_losses(self.loss, net, self.val_batches, self.spec, self.device, self.dtype, self.dist)
-            record.update({f"{label}/{k}": v for k, v in losses.items()})
+        with self._interruptible():
+            for label, net in (("val", self.ema_net), ("val_online", self.net)):
+                losses = validation_losses(self.loss, net, self.val_batches, self.spec, self.device, self.dtype, self.dist)
+                record.update({f"{label}/{k}": v for k, v in losses.items()})
         self.log.log(record)
         p.history["val"].append({k: v for k, v in record.items()})
         if record["val/mse_total"] < p.best_val:  # the all-reduced value: every rank agrees
@@ -357,7 +371,8 @@ class Trainer:
 
         self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
         nets = {"ema": self.ema_net, "online": self.net}
-        folder = write_periodic_samples(self.spec, {w: nets[w] for w in self.spec.sampling.weights}, self.data.stats, epoch, self.device)
+        with self._interruptible():
+            folder = write_periodic_samples(self.spec, {w: nets[w] for w in self.spec.sampling.weights}, self.data.stats, epoch, self.device)
         self.log.event(self.progress.global_step, f"samples of epoch {epoch} in {folder}")
         self.log.log_images(self.progress.global_step, epoch, {p.name.removesuffix("_grid.png"): p for p in sorted(folder.glob("*_grid.png"))})
 
@@ -371,6 +386,9 @@ def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) ->
         trainer.log.event(trainer.progress.global_step, str(e))
         trainer.log.close()
         code = 3
+    finally:
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
     if trainer.dist.enabled and code in (REQUEUE_EXIT_CODE, INTERRUPT_EXIT_CODE):
         # Rank 0 has saved. srun --kill-on-bad-exit TERMs the other tasks as soon as one exits non-zero, which
         # would turn this rank's 75 into "Terminated" (no requeue): ignore TERM from here, and let no rank

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from neuromf.atomic import atomic_write_text
+from neuromf.atomic import atomic_write_text, write_error
 from neuromf.spec.schema import RunSpec
 
 
@@ -37,7 +37,10 @@ class RunLog:
         self.total_steps = total_steps
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.records = self._read_and_truncate(start_step if resumed else 0)
-        self._file = open(self.jsonl, "a", encoding="utf-8")
+        try:
+            self._file = open(self.jsonl, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(self.jsonl, e) from None
         mode = spec.logging.progress
         self.use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         self._bar = None
@@ -84,8 +87,11 @@ class RunLog:
         record = {k: _clean(v) for k, v in record.items()}
         record.setdefault("time", round(time.time(), 3))
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # disk full: one line naming the log (the checkpoints are untouched)
+            raise write_error(self.jsonl, e) from None
         if self._wandb is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in {"step", "time"}}
             if numbers:

@@ -1,20 +1,30 @@
-"""Stop requests from the cluster: finish the step, save, exit with a code the sbatch wrapper requeues.
+"""Stop requests from the cluster: save within seconds, exit with a code the sbatch wrapper requeues.
 
 SLURM sends SIGUSR1/SIGUSR2 (`--signal=B:USR1@300`) before the wall-time limit
-and SIGTERM on pre-emption. The handler only sets a flag; the training loop
-checks it between steps, so a checkpoint is never written mid-step.
+and SIGTERM on pre-emption. The handler sets a flag; the training loop checks
+it between steps, so a checkpoint is never written mid-step. Validation and
+periodic sampling (minutes on a big model) run inside `interruptible()`: there
+a signal raises StopInterrupt at the next Python-level operation, the work is
+abandoned (and redone after the resume), and the checkpoint is written at once.
+Worst-case latency is thus one training step, one network call of validation
+or sampling, or one checkpoint write (README, "Stop signals").
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+from contextlib import contextmanager
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a stop signal, run me again with --resume auto"
 INTERRUPT_EXIT_CODE = 130  # Ctrl-C: saved, not to be requeued
 CATCHABLE = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+
+
+class StopInterrupt(BaseException):
+    """A stop signal arrived during interruptible work. A BaseException, so no `except Exception` swallows it."""
 
 
 class StopRequest:
@@ -23,14 +33,30 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested: Optional[str] = None
         self._previous: dict[int, object] = {}
+        self._raise = False
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
         if self.requested is None:
-            print(f"\nreceived {name}: finishing the current step, then saving a checkpoint", file=sys.stderr, flush=True)
+            what = "abandoning validation/sampling (redone after resume)" if self._raise else "finishing the current step"
+            print(f"\nreceived {name}: {what}, then saving a checkpoint", file=sys.stderr, flush=True)
             self.requested = name
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
+        if self._raise:
+            self._raise = False  # once: the code that handles it must not be interrupted again
+            raise StopInterrupt(name)
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Work that a stop signal may abandon (StopInterrupt); entered after a signal, it raises at once."""
+        if self.requested is not None:
+            raise StopInterrupt(self.requested)
+        self._raise = True
+        try:
+            yield
+        finally:
+            self._raise = False
 
     def __enter__(self) -> "StopRequest":
         for sig in CATCHABLE:
