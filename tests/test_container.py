@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -135,6 +136,33 @@ def test_dockerfile_layers_put_dependencies_before_source() -> None:
     assert after and all("--no-deps" in r for r in after), after
 
 
+def test_dockerfile_needs_no_frontend_and_installs_the_compilers() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    # `# syntax=` makes BuildKit fetch a frontend image from Docker Hub: a build host without it could not build.
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I)
+    runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
+    # torch.compile: Triton's launcher (C) and Inductor's CPU kernels (C++) are compiled at run time, with Python.h.
+    assert re.search(r"apt-get install [^&]*\bgcc\b[^&]*\bg\+\+", runs), runs
+    assert "Python.h" in runs and "python3-dev" in runs
+    from spython.main.parse.parsers import DockerParser
+
+    recipe = next(iter(DockerParser(str(REPO / "Dockerfile")).recipe.values()))
+    env = dict(e.split("=", 1) for e in recipe.environ)
+    assert re.search(r'pip freeze --all > "\$NEUROMF_PIP_FREEZE"', runs) and env["NEUROMF_PIP_FREEZE"].startswith("/")
+    assert "MPLCONFIGDIR" not in env  # one folder for every user of a node: the trainer picks a per-user one
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as a uid without a passwd entry needs root")
+def test_entrypoint_gives_a_user_without_passwd_entry_a_name_and_a_writable_home() -> None:
+    uid = 54321
+    assert not any(p.pw_uid == uid for p in pwd.getpwall())
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": "/"}  # what `docker run --user 54321:54321` gives
+    done = subprocess.run([str(CONTAINER / "entrypoint.sh"), "sh", "-c", 'echo "$USER|$LOGNAME|$HOME"; touch "$HOME/x"'],
+                          capture_output=True, text=True, env=env, user=uid, group=uid, cwd="/tmp", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"uid{uid}|uid{uid}|/tmp/neuromf-{uid}/home"
+
+
 def test_entrypoint_runs_neuromf_verbs_and_programs() -> None:
     entry = str(CONTAINER / "entrypoint.sh")
     version = run([entry, "--version"])
@@ -180,12 +208,15 @@ def test_def_sections_header_runscript_test_help() -> None:
 
 
 def test_def_environment_falls_back_when_the_cache_is_read_only() -> None:
-    """%environment under /bin/sh: defaults, caller's values kept, /tmp fallback for an unwritable cache."""
-    show = def_sections()["environment"] + '\necho "$PYTHONNOUSERSITE|$WANDB_MODE|$TORCHINDUCTOR_CACHE_DIR"\n'
+    """%environment under /bin/sh, without USER (as Apptainer evaluates it): defaults, caller's values kept, and
+    per-uid /tmp fallbacks for unwritable caches and HOME (a node's /tmp is shared by its users)."""
+    show = def_sections()["environment"] + '\necho "$PYTHONNOUSERSITE|$WANDB_MODE|$TORCHINDUCTOR_CACHE_DIR|$TRITON_CACHE_DIR|$USER|$HOME"\n'
     user = {"user": "nobody"} if os.geteuid() == 0 else {}  # root may write anywhere: run as nobody
+    uid = pwd.getpwnam("nobody").pw_uid if user else os.geteuid()
+    name = "nobody" if user else pwd.getpwuid(uid).pw_name
 
     def source(**env: str) -> list[str]:
-        env = {"PATH": "/usr/bin:/bin", "USER": "nobody", **env}
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/", **env}
         done = subprocess.run(["/bin/sh", "-c", show], capture_output=True, text=True, env=env, check=True, **user)
         return done.stdout.strip().split("|")
 
@@ -196,10 +227,12 @@ def test_def_environment_falls_back_when_the_cache_is_read_only() -> None:
         writable = Path(top) / "rw"
         writable.mkdir()
         writable.chmod(0o777)
-        fallback = source(TORCHINDUCTOR_CACHE_DIR=str(readonly / "c"))
-        assert fallback == ["1", "offline", "/tmp/torchinductor_nobody"]
-        kept = source(WANDB_MODE="online", TORCHINDUCTOR_CACHE_DIR=str(writable / "c"))
-        assert kept == ["1", "online", str(writable / "c")]
+        fallback = source(TORCHINDUCTOR_CACHE_DIR=str(readonly / "c"), TRITON_CACHE_DIR=str(readonly / "t"))
+        mine = f"/tmp/neuromf-{uid}"
+        assert fallback == ["1", "offline", f"{mine}/torchinductor", f"{mine}/triton", name, f"{mine}/home"]
+        kept = source(WANDB_MODE="online", TORCHINDUCTOR_CACHE_DIR=str(writable / "c"),
+                      TRITON_CACHE_DIR=str(writable / "t"), USER="someone", HOME=str(writable))
+        assert kept == ["1", "online", str(writable / "c"), str(writable / "t"), "someone", str(writable)]
         assert (writable / "c").is_dir()
 
 

@@ -100,3 +100,11 @@ def test_production_spec_trains_stops_resumes_and_logs_to_wandb(tmp_path: Path) 
     assert all(train_rows[s]["train/loss_total"] == pytest.approx(jsonl[s]["train/loss_total"]) for s in jsonl)
     assert any(any(k.startswith("val/") for k in row) for row in rows), "no validation scalars reached wandb"
     assert list(home.iterdir()) == [], f"the run wrote into $HOME: {list(home.rglob('*'))}"
+
+    events = [r["event"] for r in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines())
+              if "event" in r]
+    assert not [e for e in events if "torch.compile failed" in e], events
+    if os.environ.get("NEUROMF_PRODUCTION_COMPILE") == "1":
+        # The spec's paths.cache_dir (in the bound results folder) won over the image's read-only /cache.
+        cache = root / "results" / "cache" / "torchinductor"
+        assert any(p.suffix == ".so" for p in cache.rglob("*")), f"no compiled kernels in {cache}"
