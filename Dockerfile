@@ -20,7 +20,8 @@ LABEL org.opencontainers.image.title="neuromf" \
 # /cache to keep them). Where it is not writable (a read-only image, Apptainer), the trainer uses a per-user folder
 # under /tmp; an explicit paths.cache_dir in the run-spec wins over both. The entry point gives a user without a
 # passwd entry (docker run --user 1000:1000) a USER and a writable HOME.
-# NEUROMF_PIP_FREEZE: the exact package versions of this image, printed by `neuromf --version`.
+# NEUROMF_PIP_FREEZE: the exact package versions of this image, printed by `neuromf --version` (`pip list
+# --format=freeze`: unlike `pip freeze`, a version even for a package installed from a wheel file).
 ENV PYTHONNOUSERSITE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -57,7 +58,7 @@ RUN mkdir neuromf \
 COPY neuromf/ neuromf/
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
-    && pip freeze --all > "$NEUROMF_PIP_FREEZE" \
+    && pip list --format=freeze > "$NEUROMF_PIP_FREEZE" \
     && neuromf --help >/dev/null
 
 # Run-specs, tests, the container scripts and recipes, so `docker run IMAGE pytest` and the shipped run-specs work.

@@ -70,7 +70,7 @@ echo "== $APPTAINER build $OUT apptainer.def"
 if ! "$APPTAINER" build --force "${TEST_ARGS[@]}" "$OUT.partial" apptainer.def; then
     rm -f "$OUT.partial"
     [[ ${#TEST_ARGS[@]} -eq 0 ]] &&
-        printf 'build_sif.sh: if the %%test section failed (e.g. "operation not permitted" as root), build with --no-test and run `%s test %s` as a normal user\n' "$APPTAINER" "$OUT" >&2
+        printf 'build_sif.sh: if the %%test section failed (e.g. "operation not permitted" as root), build with --no-test and run "%s test %s" as a normal user\n' "$APPTAINER" "$OUT" >&2
     exit 1
 fi
 mv -f "$OUT.partial" "$OUT"
