@@ -488,5 +488,5 @@ def test_image_runs_the_production_path_compiled(image: str, tmp_path: Path) -> 
     work.chmod(0o777)  # the container's user 1000 writes the run here
     done = run_image(image, "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={work}/pytest",
                      "/opt/neuromf/tests/test_production.py", work=work, env={"NEUROMF_PRODUCTION_COMPILE": "1"},
-                     timeout=2400)
+                     timeout=3600)
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-6000:] + done.stderr[-3000:]

@@ -57,12 +57,13 @@ def test_production_spec_trains_stops_resumes_and_logs_to_wandb(tmp_path: Path) 
     with open(out, "w") as log_file:
         proc = subprocess.Popen(_train(root, home), stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 900  # a cold compile inside the image takes minutes
+        # A cold compile of the step (inside the image) takes minutes: 15+ on a 2-core machine shared with others.
+        deadline = time.monotonic() + (2400 if os.environ.get("NEUROMF_PRODUCTION_COMPILE") == "1" else 600)
         while not _logged_steps(run_dir / "training_log.jsonl") and time.monotonic() < deadline:
             assert proc.poll() is None, f"the trainer ended before its first step:\n{out.read_text()[-4000:]}"
             time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)
-        code = proc.wait(timeout=300)
+        code = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -73,7 +74,7 @@ def test_production_spec_trains_stops_resumes_and_logs_to_wandb(tmp_path: Path) 
     assert stopped_at < MAX_STEPS, "the stop came too late to test a resume"
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
 
-    second = subprocess.run(_train(root, home), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    second = subprocess.run(_train(root, home), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=2400)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     assert "resumed from" in second.stderr
     assert (run_dir / "wandb_run_id.txt").read_text().strip() == run_id
