@@ -14,7 +14,9 @@ import pytest
 
 from _wandb_offline import wait_for_exit_record, wandb_history, wandb_run_ids
 from neuromf.spec import runspec_from_dict
-from neuromf.train.run_log import WANDB_ID_FILE, RunLog
+from neuromf.train.run_log import RunLog
+
+WANDB_ID_FILE = "wandb_run_id.txt"  # the run folder's record of the wandb run id
 
 
 @pytest.fixture
