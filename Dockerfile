@@ -1,7 +1,7 @@
-# syntax=docker/dockerfile:1
 # NeuroMF trainer image: CUDA PyTorch + neuromf. The base is a build argument, so it can follow the cluster's driver:
 #   docker build -t neuromf .
 #   docker build --build-arg BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime -t neuromf .
+#   container/local_base.sh && docker build --build-arg BASE_IMAGE=neuromf-base:local -t neuromf .   # no Docker Hub
 #   docker run --rm neuromf validate runspecs/demo.yaml         # any neuromf verb
 #   docker run --rm neuromf pytest -q -m "not slurm"            # the test suite, inside the image
 #   docker run --rm --gpus all -v $PWD/runs:/opt/neuromf/runs -v neuromf-cache:/cache neuromf train runspecs/demo.yaml
@@ -16,7 +16,12 @@ LABEL org.opencontainers.image.title="neuromf" \
 
 # PYTHONNOUSERSITE: a user's ~/.local (bound into Apptainer containers with $HOME) must not shadow the image's packages.
 # WANDB_MODE: compute nodes have no internet; runs are synced later with `wandb sync`.
-# TORCHINDUCTOR_CACHE_DIR: torch.compile's cache, in a folder anyone can write (mount a volume on /cache to keep it).
+# TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR: torch.compile's caches, in a folder anyone can write (mount a volume on
+# /cache to keep them). Where it is not writable (a read-only image, Apptainer), the trainer uses a per-user folder
+# under /tmp; an explicit paths.cache_dir in the run-spec wins over both. The entry point gives a user without a
+# passwd entry (docker run --user 1000:1000) a USER and a writable HOME.
+# NEUROMF_PIP_FREEZE: the exact package versions of this image, printed by `neuromf --version` (`pip list
+# --format=freeze`: unlike `pip freeze`, a version even for a package installed from a wheel file).
 ENV PYTHONNOUSERSITE=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -25,11 +30,15 @@ ENV PYTHONNOUSERSITE=1 \
     WANDB_MODE=offline \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     TRITON_CACHE_DIR=/cache/triton \
-    MPLCONFIGDIR=/tmp/matplotlib
+    NEUROMF_PIP_FREEZE=/opt/neuromf/pip-freeze.txt
 
-# Triton (torch.compile on GPU) compiles a small C launcher at run time: the runtime base images lack a compiler.
+# torch.compile compiles at run time: Triton a small C launcher (GPU), Inductor C++ kernels (CPU). Both need a C/C++
+# compiler and Python's headers, which the runtime base images lack (python3-dev where the base's Python has none).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+    && include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
+    && { [ -f "$include/Python.h" ] || apt-get install -y --no-install-recommends python3-dev; } \
+    && [ -f "$include/Python.h" ] \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /cache/torchinductor /cache/triton \
     && chmod -R 1777 /cache
@@ -49,6 +58,7 @@ RUN mkdir neuromf \
 COPY neuromf/ neuromf/
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
+    && pip list --format=freeze > "$NEUROMF_PIP_FREEZE" \
     && neuromf --help >/dev/null
 
 # Run-specs, tests, the container scripts and recipes, so `docker run IMAGE pytest` and the shipped run-specs work.

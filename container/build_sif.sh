@@ -8,7 +8,9 @@
 #   --out FILE      the Apptainer image to write (default trainer.sif in the repository)
 #   --archive FILE  use this `docker save` archive instead of building (e.g. built on a laptop, copied to a login
 #                   node where there is Apptainer but no Docker)
-#   --no-test       skip the image's %test section
+#   --no-test       skip the image's %test section (apptainer build --notest). %test runs as root during the build and
+#                   fails where the build host's root lacks capabilities (Apptainer asks for the full set); then
+#                   build with --no-test and run `apptainer test trainer.sif` as a normal user, which passes there.
 #
 # Environment: DOCKER (default docker), APPTAINER (default apptainer, else singularity).
 set -euo pipefail
@@ -65,7 +67,12 @@ fi
 
 # Written under a temporary name and moved into place: a failed build never leaves a broken trainer.sif behind.
 echo "== $APPTAINER build $OUT apptainer.def"
-"$APPTAINER" build --force "${TEST_ARGS[@]}" "$OUT.partial" apptainer.def
+if ! "$APPTAINER" build --force "${TEST_ARGS[@]}" "$OUT.partial" apptainer.def; then
+    rm -f "$OUT.partial"
+    [[ ${#TEST_ARGS[@]} -eq 0 ]] &&
+        printf 'build_sif.sh: if the %%test section failed (e.g. "operation not permitted" as root), build with --no-test and run "%s test %s" as a normal user\n' "$APPTAINER" "$OUT" >&2
+    exit 1
+fi
 mv -f "$OUT.partial" "$OUT"
 echo "== built $OUT"
 "$APPTAINER" inspect --labels "$OUT" || true

@@ -175,7 +175,9 @@ log "pre-flight OK: $((free_kb / 1048576)) GB free under $RUN_DIR"
 stop_if_signalled
 
 # ---------------------------------------------------------------------------------------------------- training
+# Both compile caches in the bound cache folder (Triton's would otherwise fall back to a /tmp folder of the node).
 export TORCHINDUCTOR_CACHE_DIR=$CACHE_DIR APPTAINERENV_TORCHINDUCTOR_CACHE_DIR=$CACHE_DIR
+export TRITON_CACHE_DIR=$CACHE_DIR/triton APPTAINERENV_TRITON_CACHE_DIR=$CACHE_DIR/triton
 export WANDB_DIR=$RUN_DIR APPTAINERENV_WANDB_DIR=$RUN_DIR # offline wandb runs land in the run folder
 log "starting the trainer: ${LAUNCH[*]}${LAUNCH:+ }neuromf train $SPEC ${SETS[*]} --resume $RESUME${LAUNCH:+ ($N_TASKS tasks, rank 0 on $MASTER_ADDR:$MASTER_PORT)}"
 # In the background: bash runs a trap only between commands, so a foreground trainer would defer it until it exits.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -135,6 +136,33 @@ def test_dockerfile_layers_put_dependencies_before_source() -> None:
     assert after and all("--no-deps" in r for r in after), after
 
 
+def test_dockerfile_needs_no_frontend_and_installs_the_compilers() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    # `# syntax=` makes BuildKit fetch a frontend image from Docker Hub: a build host without it could not build.
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I)
+    runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
+    # torch.compile: Triton's launcher (C) and Inductor's CPU kernels (C++) are compiled at run time, with Python.h.
+    assert re.search(r"apt-get install [^&]*\bgcc\b[^&]*\bg\+\+", runs), runs
+    assert "Python.h" in runs and "python3-dev" in runs
+    from spython.main.parse.parsers import DockerParser
+
+    recipe = next(iter(DockerParser(str(REPO / "Dockerfile")).recipe.values()))
+    env = dict(e.split("=", 1) for e in recipe.environ)
+    assert re.search(r'pip list --format=freeze > "\$NEUROMF_PIP_FREEZE"', runs) and env["NEUROMF_PIP_FREEZE"].startswith("/")
+    assert "MPLCONFIGDIR" not in env  # one folder for every user of a node: the trainer picks a per-user one
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as a uid without a passwd entry needs root")
+def test_entrypoint_gives_a_user_without_passwd_entry_a_name_and_a_writable_home() -> None:
+    uid = 54321
+    assert not any(p.pw_uid == uid for p in pwd.getpwall())
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": "/"}  # what `docker run --user 54321:54321` gives
+    done = subprocess.run([str(CONTAINER / "entrypoint.sh"), "sh", "-c", 'echo "$USER|$LOGNAME|$HOME"; touch "$HOME/x"'],
+                          capture_output=True, text=True, env=env, user=uid, group=uid, cwd="/tmp", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"uid{uid}|uid{uid}|/tmp/neuromf-{uid}/home"
+
+
 def test_entrypoint_runs_neuromf_verbs_and_programs() -> None:
     entry = str(CONTAINER / "entrypoint.sh")
     version = run([entry, "--version"])
@@ -180,12 +208,15 @@ def test_def_sections_header_runscript_test_help() -> None:
 
 
 def test_def_environment_falls_back_when_the_cache_is_read_only() -> None:
-    """%environment under /bin/sh: defaults, caller's values kept, /tmp fallback for an unwritable cache."""
-    show = def_sections()["environment"] + '\necho "$PYTHONNOUSERSITE|$WANDB_MODE|$TORCHINDUCTOR_CACHE_DIR"\n'
+    """%environment under /bin/sh, without USER (as Apptainer evaluates it): defaults, caller's values kept, and
+    per-uid /tmp fallbacks for unwritable caches and HOME (a node's /tmp is shared by its users)."""
+    show = def_sections()["environment"] + '\necho "$PYTHONNOUSERSITE|$WANDB_MODE|$TORCHINDUCTOR_CACHE_DIR|$TRITON_CACHE_DIR|$USER|$HOME"\n'
     user = {"user": "nobody"} if os.geteuid() == 0 else {}  # root may write anywhere: run as nobody
+    uid = pwd.getpwnam("nobody").pw_uid if user else os.geteuid()
+    name = "nobody" if user else pwd.getpwuid(uid).pw_name
 
     def source(**env: str) -> list[str]:
-        env = {"PATH": "/usr/bin:/bin", "USER": "nobody", **env}
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/", **env}
         done = subprocess.run(["/bin/sh", "-c", show], capture_output=True, text=True, env=env, check=True, **user)
         return done.stdout.strip().split("|")
 
@@ -196,10 +227,12 @@ def test_def_environment_falls_back_when_the_cache_is_read_only() -> None:
         writable = Path(top) / "rw"
         writable.mkdir()
         writable.chmod(0o777)
-        fallback = source(TORCHINDUCTOR_CACHE_DIR=str(readonly / "c"))
-        assert fallback == ["1", "offline", "/tmp/torchinductor_nobody"]
-        kept = source(WANDB_MODE="online", TORCHINDUCTOR_CACHE_DIR=str(writable / "c"))
-        assert kept == ["1", "online", str(writable / "c")]
+        fallback = source(TORCHINDUCTOR_CACHE_DIR=str(readonly / "c"), TRITON_CACHE_DIR=str(readonly / "t"))
+        mine = f"/tmp/neuromf-{uid}"
+        assert fallback == ["1", "offline", f"{mine}/torchinductor", f"{mine}/triton", name, f"{mine}/home"]
+        kept = source(WANDB_MODE="online", TORCHINDUCTOR_CACHE_DIR=str(writable / "c"),
+                      TRITON_CACHE_DIR=str(writable / "t"), USER="someone", HOME=str(writable))
+        assert kept == ["1", "online", str(writable / "c"), str(writable / "t"), "someone", str(writable)]
         assert (writable / "c").is_dir()
 
 
@@ -233,6 +266,9 @@ def test_worker_sbatch_header_and_signal_handling() -> None:
     assert re.search(r'neuromf train "\$SPEC" "\$\{SETS\[@\]\}" --resume "\$RESUME" &\nchild=\$!', text)
     assert re.search(r'while kill -0 "\$child" 2>/dev/null; do\n\s+wait "\$child"\ndone\nwait "\$child"', text)
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
+    # Both compile caches go to the bound cache folder, inside the container too.
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert re.search(rf"^export {name}=\$CACHE_DIR\S* APPTAINERENV_{name}=\$CACHE_DIR", text, flags=re.M), name
     assert re.search(r"^RUNTIME=\$\{NEUROMF_RUNTIME:-apptainer\}$", text, flags=re.M)
 
 
@@ -352,3 +388,105 @@ def test_worker_forwards_the_signal_and_reports_a_stop_outside_slurm(placeholder
     assert "trainer saved a checkpoint and exited 75 after SIGUSR1" in story
     assert "not running under SLURM: run the same command again to resume" in story
     assert (run_dir / "checkpoints" / "latest.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------- the image itself (Docker)
+# Built from the Dockerfile on a local base (container/local_base.sh: Debian + Python + CPU torch), since Docker Hub
+# and the CUDA base are out of reach here; NEUROMF_TEST_BASE_IMAGE names another base. Every run is as a user
+# without a passwd entry, on a read-only root with a tmpfs /tmp and no network, as under Apptainer on a node.
+
+LOCAL_BASE = "neuromf-base:local"
+TEST_IMAGE = "neuromf:test"
+
+
+def docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def docker_problem() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker client (apt-get install docker.io)"
+    try:
+        info = docker("info", "--format", "{{.ServerVersion}}", timeout=30)
+    except subprocess.TimeoutExpired:
+        return "the Docker engine does not answer"
+    if info.returncode != 0:
+        return f"no Docker engine running ({info.stderr.strip().splitlines()[-1] if info.stderr.strip() else 'docker info failed'})"
+    return None
+
+
+def local_torch_wheel() -> list[str]:
+    """`--torch WHEEL` for this interpreter's torch when pip's find-links hold its wheel (the CPU build; PyPI's
+    torch==X is the CUDA one, gigabytes more), else nothing (local_base.sh's default)."""
+    import torch
+
+    folders = os.environ.get("PIP_FIND_LINKS", "").split()
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    folders += [w for line in listed.stdout.splitlines() if "find-links" in line
+                for w in line.split("=", 1)[1].strip().strip("'\"").split()]
+    for folder in folders:
+        wheels = sorted(Path(folder.removeprefix("file://")).glob(f"torch-{torch.__version__}-cp*.whl"))
+        if wheels:
+            return ["--torch", str(wheels[0])]
+    return []
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The image of ./Dockerfile, built once per test run (minutes: apt, pip, a cold layer cache)."""
+    problem = docker_problem()
+    if problem:
+        pytest.skip(problem)
+    base = os.environ.get("NEUROMF_TEST_BASE_IMAGE", LOCAL_BASE)
+    if docker("image", "inspect", base).returncode != 0:
+        if base != LOCAL_BASE:
+            pytest.skip(f"base image {base} (NEUROMF_TEST_BASE_IMAGE) is not present")
+        if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+            pytest.skip("no base image: Docker Hub is out of reach and container/local_base.sh needs root and debootstrap")
+        made = subprocess.run([str(CONTAINER / "local_base.sh"), "--tag", LOCAL_BASE, *local_torch_wheel()],
+                              capture_output=True, text=True, timeout=1800, cwd=REPO)
+        assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-4000:]
+    # --network host: the build's apt-get and pip reach the mirrors the way this host does.
+    built = docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}", "-t", TEST_IMAGE, ".",
+                   timeout=2400)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return TEST_IMAGE
+
+
+def run_image(image: str, *args: str, work: Path | None = None, env: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    opts = ["--rm", "--user", "1000:1000", "--read-only", "--tmpfs", "/tmp", "--network", "none"]
+    if work is not None:
+        opts += ["-v", f"{work}:{work}", "-w", str(work)]
+    for k, v in (env or {}).items():
+        opts += ["-e", f"{k}={v}"]
+    return docker("run", *opts, image, *args, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_image_runs_as_any_user_on_a_read_only_root(image: str) -> None:
+    helped = run_image(image, "--help")
+    assert helped.returncode == 0 and "usage: neuromf" in helped.stdout, helped
+    valid = run_image(image, "validate", "runspecs/demo.yaml")  # imports MONAI, which calls getpass.getuser()
+    assert valid.returncode == 0 and "run-spec OK: demo" in valid.stdout, valid
+    production = run_image(image, "validate", "runspecs/picasso.yaml")
+    assert production.returncode == 0 and "run-spec OK: picasso-imf" in production.stdout, production
+    version = run_image(image, "--version")
+    assert version.returncode == 0, version
+    assert version.stdout.startswith("neuromf ") and re.search(r"^torch==", version.stdout, flags=re.M), version.stdout
+    assert re.search(r"^wandb==0\.31\.", version.stdout, flags=re.M), version.stdout
+    compilers = run_image(image, "sh", "-c", 'gcc --version && g++ --version && python -c "import sysconfig, os; '
+                          'assert os.path.isfile(sysconfig.get_paths()[\'include\'] + \'/Python.h\')"')
+    assert compilers.returncode == 0, compilers
+
+
+@pytest.mark.slow  # the image build, then a cold torch.compile on CPU: ~10 min (the README says how long)
+def test_image_runs_the_production_path_compiled(image: str, tmp_path: Path) -> None:
+    """tests/test_production.py inside the image, with the shipped `training.compile: true` (a compiled step on
+    Inductor's C++ path, cached in the spec's paths.cache_dir in the bound folder, not the image's read-only /cache)."""
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    work.chmod(0o777)  # the container's user 1000 writes the run here
+    done = run_image(image, "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={work}/pytest",
+                     "/opt/neuromf/tests/test_production.py", work=work, env={"NEUROMF_PRODUCTION_COMPILE": "1"},
+                     timeout=3600)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-6000:] + done.stderr[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -43,11 +44,37 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def version_text() -> str:
+    """`neuromf X.Y.Z`, then, in the image, the exact package versions it was built with (NEUROMF_PIP_FREEZE)."""
+    text = f"neuromf {__version__}"
+    freeze = os.environ.get("NEUROMF_PIP_FREEZE")
+    if freeze:
+        try:
+            packages = open(freeze, encoding="utf-8").read().strip()
+        except OSError as e:
+            return f"{text}\npackages: cannot read {freeze}: {e.strerror}"
+        text += f"\npackages (pip freeze when the image was built, {freeze}):\n{packages}"
+    return text
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's "version" action, without re-wrapping the lines of the package list."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version (in the image: with the packages it was built with) and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: Optional[str] = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuromf", description="Train one-step latent MeanFlow (iMF) models of 3D brain MRI."
     )
-    parser.add_argument("--version", action="version", version=f"neuromf {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name, (module_name, help_text) in VERBS.items():
         try:

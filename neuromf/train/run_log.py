@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import string
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,21 +68,7 @@ class RunLog:
         return records
 
     def _start_wandb(self) -> Any:
-        import wandb
-
-        # Keep the id in the run folder: a resumed or requeued job continues the same wandb run.
-        id_file = self.run_dir / "wandb_run_id.txt"
-        if not id_file.exists():
-            atomic_write_text(id_file, uuid.uuid4().hex[:8])  # wandb 0.31 has no wandb.util.generate_id
-        return wandb.init(
-            project=self.spec.logging.wandb_project,
-            name=self.spec.name,
-            id=id_file.read_text().strip(),
-            resume="allow",
-            dir=str(self.run_dir),
-            mode=self.spec.logging.wandb_mode,
-            config=self.spec.model_dump(mode="json"),
-        )
+        return start_wandb(self.spec)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (it must carry 'step'); also sent to wandb."""
@@ -145,6 +133,50 @@ class RunLog:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+# wandb's folders besides the run's own: WANDB_DIR gets offline-run-*/ (what `wandb sync` uploads); the others
+# default to ~/.cache, ~/.config and ~/.local/share, which may be read-only (`docker run --user`, Apptainer).
+WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data",
+                 "WANDB_ARTIFACT_DIR": "artifacts"}
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's wandb id, made once and kept in the run folder: a resumed or requeued job continues that run."""
+    id_file = run_dir / WANDB_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text(encoding="utf-8").strip()
+        if run_id:
+            return run_id
+    alphabet = string.ascii_lowercase + string.digits  # wandb's own id alphabet and length
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    atomic_write_text(id_file, run_id + "\n")
+    return run_id
+
+
+def start_wandb(spec: RunSpec) -> Any:
+    """wandb.init for this run: same id on every start, files under <run_dir>/wandb, offline unless asked."""
+    import wandb
+
+    from neuromf.train.runtime import writable_folder
+
+    folder = spec.paths.run_dir / "wandb"
+    for name, sub in WANDB_FOLDERS.items():
+        current = os.environ.get(name)
+        if not (current and writable_folder(current)):
+            os.environ[name] = str(folder / sub)
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_DIR"] = str(spec.paths.run_dir)  # wandb.init(dir=...) below; child processes see it too
+    return wandb.init(
+        project=spec.logging.wandb_project,
+        name=spec.name,
+        id=wandb_run_id(spec.paths.run_dir),
+        resume="allow",
+        dir=str(spec.paths.run_dir),
+        mode=spec.logging.wandb_mode,
+        config=spec.model_dump(mode="json"),
+    )
 
 
 def _duration(seconds: float) -> str:
