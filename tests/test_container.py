@@ -321,7 +321,7 @@ def launcher(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return run([str(CONTAINER / "train.sh"), *args], NEUROMF_RUNTIME=str(CONTAINER / "host_runtime.sh"), **env)
 
 
-def test_launcher_dry_run_uses_the_seed_settings(placeholder_sif: Path, tmp_path: Path) -> None:
+None: -> def test_launcher_dry_run_uses_the_default_sbatch_settings(placeholder_sif: Path, tmp_path: Path) -> None: -> None:
     done = launcher("--sif", str(placeholder_sif), "--dry-run", "runspecs/demo.yaml",
                     "--set", f"paths.run_dir={tmp_path / 'results' / 'run'}")
     assert done.returncode == 0, done.stderr

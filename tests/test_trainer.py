@@ -1,4 +1,4 @@
-"""The trainer: the seed's section-14 tests (under their names), exact resume, signals, NaN steps, outputs."""
+"""The trainer: the plan's eight trainer tests under their original names (docs/design.md, 'Where the names come from'), exact resume, signals, NaN steps, outputs."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-# ---------------------------------------------------------------- the seed's section 14
+# ---------------------------------------------------------------- the plan's eight trainer tests (names kept; docs/design.md, 'Where the names come from')
 
 
 def test_lightning_module_init(latent_dir: Path, tmp_path: Path) -> None:

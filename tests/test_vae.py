@@ -46,7 +46,7 @@ def test_build_vae_is_the_nv_generate_mr_architecture() -> None:
     vae = build_vae(VAESpec())
     assert isinstance(vae, AutoencoderKlMaisi)
     n_params = sum(p.numel() for p in vae.parameters())
-    assert abs(n_params - 20.9e6) < 0.1e6  # DESIGN.md: autoencoder_v2.pt has ~20.9 M parameters
+    assert abs(n_params - 20.9e6) < 0.1e6  # NV-Generate-MR's autoencoder_v2.pt has ~20.9 M parameters
     keys = vae.state_dict().keys()
     assert not any("attn" in k or "attention" in k for k in keys)
     assert vae.decoder.blocks[-1].conv.out_channels == 1

@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("neuromf.cli.train", "train a model from a run-spec (checkpoint/resume, samples)"),
     "sample": ("neuromf.cli.sample", "generate samples from a checkpoint"),
     "evaluate": ("neuromf.cli.evaluate", "compare generated samples with held-out latents"),
-    "verify": ("neuromf.cli.verify", "write the P4-T1..T8 verification report of a run"),
+    "verify": ("neuromf.cli.verify", "check a run: the eight verification tests P4-T1..P4-T8 of docs/design.md, as a report"),
     "bench": ("neuromf.cli.bench", "time and measure training steps (speed, memory, FLOPs, MFU)"),
 }
 

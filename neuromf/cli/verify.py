@@ -1,4 +1,4 @@
-"""`neuromf verify RUN_DIR`: write verification_report.md/.json and loss_curve.png (the seed's P4-T1..T8).
+"""`neuromf verify RUN_DIR`: write verification_report.md/.json and loss_curve.png (the verification tests P4-T1..P4-T8 of docs/design.md, 'Verification tests').
 
 P4-T6 uses the strongest feature space the run-spec's `evaluation` section
 configures (an image-space FID with a published extractor when its weights
@@ -17,10 +17,10 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (paths.run_dir of the run-spec)")
     parser.add_argument("--n", type=int, default=None,
-                        help="samples for P4-T6/T7 (default: evaluation.n, else the whole held-out split, at most 500)")
+                        help="samples for the sample-based tests P4-T6 (EMA beats online) and P4-T7 (statistics) (default: evaluation.n, else the whole held-out split, at most 500)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--no-evaluate", action="store_true",
-                       help="never generate samples: reuse a matching evaluation/evaluation.json, else P4-T6/T7 say NEEDS-LOOK")
+                       help="never generate samples: reuse a matching evaluation/evaluation.json, else the sample-based tests P4-T6/P4-T7 say NEEDS-LOOK")
     group.add_argument("--re-evaluate", action="store_true", help="evaluate again even if evaluation/evaluation.json matches")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

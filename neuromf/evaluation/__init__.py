@@ -1,4 +1,5 @@
-"""Judging a trained model: samples from a checkpoint, FID/MMD/MS-SSIM against held-out data, the P4-T1..T8 report.
+"""Judging a trained model: samples from a checkpoint, FID/MMD/MS-SSIM against held-out data, the report of the
+verification tests P4-T1..P4-T8 (docs/design.md, 'Verification tests').
 
 - features.py        the weight-free feature space (pooled per-channel statistics of latents) and why
 - extractors.py      published extractors (MedicalNet 3D via MONAI's ResNet, RadImageNet ResNet50), loaded from staged files

@@ -1,9 +1,9 @@
-"""The seed's P4-T1 .. P4-T8 as functions of a run's log, checkpoints, samples and evaluation.
+"""The verification tests P4-T1 .. P4-T8 (docs/design.md, 'Verification tests') as functions of a run's log, checkpoints, samples and evaluation.
 
 Each returns a `Check` with PASS, FAIL or NEEDS-LOOK and the evidence in one
 sentence. Loss values are the unweighted MSEs (mse_fm + lambda_mf * mse_mf):
-the adaptively weighted loss is ~1 per term whatever the model does (DESIGN.md
-section 2, step 10), so it cannot show progress.
+the adaptively weighted loss is ~1 per term whatever the model does (docs/design.md,
+'Adaptive loss weighting'), so it cannot show progress.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def check_ema_better(evaluation: Optional[dict[str, Any]], why_missing: str = "n
     if floor.get("fd") is not None:
         text += f"; real-vs-real FD at this N: {floor['fd']:.4g}"
     if n < 500:
-        text += f" (the seed asks for 500 samples; only {n} here)"
+        text += f" (P4-T6 asks for 500 samples; only {n} here)"
     fs = evaluation.get("feature_space") or {}
     return Check("P4-T6", PASS if better else FAIL, text, {"nfe": k, "n": n, "fd_ema": ema["fd"], "fd_online": online["fd"],
                                                            "fd_used": label, "features": fs.get("name"), "space": fs.get("space"),

@@ -11,7 +11,7 @@ bandwidths (0.5, 1 and 2 times the median distance between reference
 feature vectors); in image space the mean pairwise MS-SSIM of samples and of
 real volumes (diversity, lower = more diverse). Beside them: per-channel
 mean, std, skewness and kurtosis of the de-normalised samples against
-training latents (P4-T7) with a histogram PNG, and the mean pairwise distance
+training latents (for the verification test P4-T7, docs/design.md, 'Verification tests') with a histogram PNG, and the mean pairwise distance
 of the samples against that of real latents (mode collapse shows as a ratio
 well below 1). "reference_floor" is the same FD/MMD between N training and N
 validation latents: what a perfect model would score at this N.
@@ -37,7 +37,7 @@ from neuromf.evaluation.sets import SetStats, available, reference_batches, take
 
 __all__ = ["EvalOptions", "evaluate_checkpoint", "resolve_device", "format_summary", "DEFAULT_MAX_N"]
 
-DEFAULT_MAX_N = 500  # the seed's P4-T6 sample count; the default N is min(reference size, this)
+DEFAULT_MAX_N = 500  # the sample count P4-T6 asks for (docs/design.md, 'Verification tests'); the default N is min(reference size, this)
 BANDWIDTH_FACTORS = (0.5, 1.0, 2.0)
 HIST_BINS, HIST_SIGMAS = 80, 6.0  # histogram range: stats mean +- 6 std per channel
 WEIGHTS: tuple[Literal["ema", "online"], ...] = ("ema", "online")

@@ -1,4 +1,4 @@
-"""`neuromf verify RUN_DIR`: the P4-T1 .. P4-T8 report of a run, as Markdown and JSON, with a loss-curve PNG.
+"""`neuromf verify RUN_DIR`: the report of the verification tests P4-T1 .. P4-T8 (docs/design.md, 'Verification tests') of a run, as Markdown and JSON, with a loss-curve PNG.
 
 Files written into the run folder (each whole or not at all):
     verification_report.md     one table row per test (PASS / FAIL / NEEDS-LOOK and the evidence), then details
@@ -6,8 +6,9 @@ Files written into the run folder (each whole or not at all):
     loss_curve.png             training and validation MSE against step, log scale
     evaluation/                what `neuromf evaluate` writes (reused when it matches the checkpoint)
 
-"Phase 4 is PASSED when P4-T1 through P4-T6 are ALL green" (the seed); P4-T4
-and P4-T5 need a person to look at the sample grids, so the verdict names them.
+The verdict: Phase 4 (the project's training stage; docs/design.md, 'Where the names come from')
+passes when the critical tests P4-T1 to P4-T6 all pass; P4-T4 and P4-T5 need a person to look at
+the sample grids, so the verdict names them.
 """
 
 from __future__ import annotations

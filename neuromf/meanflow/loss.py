@@ -1,4 +1,4 @@
-"""The iMF loss (DESIGN.md section 2, steps 1-10): x-prediction, exact no-grad JVP, adaptive weights.
+"""The iMF loss (docs/design.md, 'The method'; steps 1-10 of 'One training step'): x-prediction, exact no-grad JVP, adaptive weights.
 
 Per batch z0 (B samples; the first n_fm = floor(B * data_proportion) have r = t):
 

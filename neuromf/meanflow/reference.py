@@ -1,6 +1,6 @@
-"""Deliberately naive losses, for benchmarks and tests: the iMF loss as the predecessor computed it, and the FM floor.
+"""Deliberately naive losses, for benchmarks and tests: the iMF loss as the predecessor (the earlier research code, docs/design.md, 'Where the names come from') computed it, and the FM floor.
 
-`naive_imf_loss` is the textbook form of DESIGN.md section 2: one graph-building
+`naive_imf_loss` is the textbook form of docs/design.md, 'The exact JVP': one graph-building
 `torch.func.jvp` over the WHOLE batch (r = t rows included), with the primal
 output u reused for the gradient. Backward then runs through the JVP's graph:
 about 5x the activation memory of an ordinary forward/backward, which is why the

@@ -1,4 +1,4 @@
-"""(t, r) pairs for the iMF loss (DESIGN.md section 2, steps 2-3).
+"""(t, r) pairs for the iMF loss (docs/design.md, 'Time sampling').
 
 Two independent logit-normal times per sample, clamped below at t_min; t is the larger, r the
 smaller. The FIRST floor(B * data_proportion) samples get r = t (a fixed block, not a coin

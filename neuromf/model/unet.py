@@ -5,7 +5,7 @@ MONAI uses for its time embedding and ADDS the two embeddings; the UNet body
 (ResBlocks, attention, up/down sampling) is MONAI's `DiffusionModelUNetMaisi`,
 run block by block through its own helpers.
 
-Choices (DESIGN.md section 2):
+Choices (docs/design.md, 'The network' and 'Decisions'):
 - time scale: t and h are multiplied by `spec.time_scale` before the sinusoid.
   1.0 (raw t in [0, 1], as the official MeanFlow code) is the default: with
   1000 (MAISI's 0..1000 timesteps, needed to reuse NV-Generate-MR weights) the

@@ -2,7 +2,7 @@
 
 Only periodic samples and `neuromf sample` need it. It is built and loaded
 when a decode starts and freed when it ends, so it never holds GPU memory
-during training (seed section 13). The input of `decode_latents` is
+during training (docs/design.md, 'Outputs of a run'). The input of `decode_latents` is
 DE-NORMALISED latents (the VAE encoder's scale, multiplied by the scale
 factor as the diffusion model saw them); the decode undoes the scale factor:
 `vae.decode(z / scale_factor)`.

@@ -1,8 +1,7 @@
 """The run-spec: one typed, validated description of a training run.
 
 Every section is a pydantic model that rejects unknown keys. Defaults are the
-correct values of DESIGN.md section 2 (the seed's section 9 table), never the
-stale section 4 YAML. Cross-field checks live beside the fields they relate,
+values explained in docs/design.md, 'Decisions'. Cross-field checks live beside the fields they relate,
 so a user learns about an impossible run in `neuromf validate`, not hours into
 a job.
 """
@@ -136,7 +135,7 @@ class ModelSpec(Section):
 
 
 class MeanFlowSpec(Section):
-    """The iMF loss (DESIGN.md section 2, steps 5-10)."""
+    """The iMF loss (docs/design.md, 'The method')."""
 
     t_min: float = Field(0.05, gt=0, lt=1, description="Safe denominator: u = (z_t - x_hat) / max(t, t_min).")
     norm_eps: float = Field(0.01, gt=0, description="Adaptive weight w = 1 / (l + norm_eps)^norm_p.")
@@ -216,7 +215,7 @@ class TrainingSpec(Section):
 class EMASpec(Section):
     decay: float = Field(0.999, gt=0, lt=1, description="Simple exponential moving average of the weights.")
     half_lives: Optional[list[int]] = Field(
-        None, description="Optional extra EMAs, one per half-life in optimizer steps (seed's multi-half-life mode)."
+        None, description="Optional extra EMAs, one per half-life h in optimizer steps (decay 0.5^(1/h)), for ablations; validation and samples use the main EMA."
     )
     update_every: int = Field(1, ge=1)
 

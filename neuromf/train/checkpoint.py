@@ -6,7 +6,7 @@ Layout under `<run_dir>/checkpoints/`:
   epoch_NNNN.pt    every `checkpoint.save_every_n_epochs` (the last `keep_last` kept)
   best.pt          lowest validation MSE of the EMA weights
 
-Every file holds the seed's section 15.5 fields (epoch, global_step, model_state_dict,
+Every file holds the fields of docs/design.md, 'Checkpoints' (epoch, global_step, model_state_dict,
 ema_state_dict, optimizer_state_dict, scheduler_state_dict, config, loss_history)
 plus what exact resume needs: all RNG states and the data order. Only plain
 containers and tensors are stored, so `torch.load(weights_only=True)` reads them.

@@ -1,6 +1,6 @@
 """Exponential moving averages of the weights, kept in fp32.
 
-The default is one EMA with a fixed decay (0.999, the seed's section 9). The
+The default is one EMA with a fixed decay (0.999; docs/design.md, 'EMA: one average, decay 0.999'). The
 optional multi-half-life mode keeps one extra EMA per half-life h (in optimizer
 steps), each with decay 0.5 ** (1 / h).
 """

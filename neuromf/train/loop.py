@@ -19,7 +19,7 @@ c = r * accumulate + micro. One process with accumulate 2 and two with
 accumulate 1 thus see the same chunks with the same noise, and their gradients
 agree. The gradient passes run through DDP (gradients all-reduced after the
 last micro-batch, no_sync before), the no-grad JVP on the bare module (a JVP
-through the DDP wrapper would bypass its gradient sync: DESIGN.md). Every rank
+through the DDP wrapper could bypass its gradient sync: docs/design.md, 'The JVP on the bare module, the gradient passes through DDP'). Every rank
 keeps the EMA (the weights are identical everywhere, so validation of the EMA
 needs no broadcast); validation is sharded by batches and all-reduced; logging,
 checkpoints and samples are rank 0's; a stop signal on any rank stops all after
