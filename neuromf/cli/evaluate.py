@@ -15,10 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("target", metavar="RUN_DIR|CKPT", help="a run folder (uses best.pt, else latest.pt) or a checkpoint file")
     parser.add_argument("--n", type=int, default=None,
-                        help="samples per weights and NFE, and reference latents (default: the whole validation split, at most 500)")
+                        help="samples per weights and NFE, and reference latents (default: the whole test split, at most 500)")
     parser.add_argument("--nfe", type=parse_nfe, default=None, metavar="1,2,4", help="default: the run-spec's sampling.nfe")
-    parser.add_argument("--reference", choices=["val", "train"], default="val",
-                        help="compare with the held-out validation latents (default) or the training latents (more of them)")
+    parser.add_argument("--reference", choices=["test", "val", "train"], default=None,
+                        help="compare with the held-out test subjects' latents (default; val chose best.pt; val when the "
+                        "test split has fewer than 2), the validation latents, or the training latents (more of them)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (the same noise for EMA and online)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results JSON here")
     parser.add_argument("--out", default=None, metavar="DIR", help="folder for evaluation.json and the histogram PNG "

@@ -37,7 +37,7 @@ def _is_spec(path: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from neuromf.data.shard import format_skipped, pack_latents
+    from neuromf.data.pack import format_skipped, pack_latents
     from neuromf.errors import UserError
 
     if _is_spec(args.source):

@@ -13,7 +13,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (paths.run_dir of the run-spec)")
     parser.add_argument("--n", type=int, default=None,
-                        help="samples for P4-T6/T7 (default: the whole validation split, at most 500)")
+                        help="samples for P4-T6/T7 (default: the whole test split, at most 500)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--no-evaluate", action="store_true",
                        help="never generate samples: reuse a matching evaluation/evaluation.json, else P4-T6/T7 say NEEDS-LOOK")

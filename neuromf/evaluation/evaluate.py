@@ -1,15 +1,15 @@
 """`neuromf evaluate`: generated samples of the EMA and online weights against held-out latents.
 
 For each weights (ema, online) and each NFE, N samples are generated from the
-same per-sample noise and compared with N reference latents (the validation
-split by default) in the pooled-statistics feature space (features.py):
+same per-sample noise and compared with N reference latents (the test split
+by default: validation picks best.pt, so it is not held out from selection) in the pooled-statistics feature space (features.py):
 Fréchet distance and RBF-kernel MMD^2 at three bandwidths (0.5, 1 and 2 times
 the median distance between reference features). Beside them: per-channel
 mean, std, skewness and kurtosis of the de-normalised samples against
 training latents (P4-T7) with a histogram PNG, and the mean pairwise distance
 of the samples against that of real latents (mode collapse shows as a ratio
 well below 1). "reference_floor" is the same FD/MMD between N training and N
-validation latents: what a perfect model would score at this N.
+held-out (test or validation) latents: what a perfect model would score at this N.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -52,7 +52,8 @@ class EvalOptions:
     n: Optional[int] = None  # samples per (weights, NFE) = reference latents; default min(reference, 500)
     nfe: Optional[list[int]] = None  # default: the run-spec's sampling.nfe
     seed: int = 0
-    reference: Literal["val", "train"] = "val"
+    # None: the test split, or the validation split when the test split has fewer than 2 latents (tiny sets)
+    reference: Optional[Literal["test", "val", "train"]] = None
     batch_size: Optional[int] = None  # default: training.micro_batch_size
     n_train_stats: int = 256  # training latents for the P4-T7 statistics
     device: str = "auto"
@@ -117,9 +118,9 @@ class _SetStats:
 
 
 def _reference_batches(data: Any, which: str, batch_size: int) -> Iterator[torch.Tensor]:
-    """Normalised reference latents: the validation split in order, or the training split in its epoch-0 order."""
-    if which == "val":
-        yield from data.val_batches(batch_size)
+    """Normalised reference latents: the test or validation split in order, or the training split in its epoch-0 order."""
+    if which in ("val", "test"):
+        yield from (data.val_batches(batch_size) if which == "val" else data.test_batches(batch_size))
         return
     batches = data.train_batches(batch_size)
     try:
@@ -140,8 +141,8 @@ def _take(batches: Iterator[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
 
 
 def _available(data: Any, which: str, batch_size: int) -> int:
-    if which == "val":
-        return len(data.val_names)
+    if which in ("val", "test"):
+        return len(data.val_names if which == "val" else data.test_names)
     return (len(data.train_names) // batch_size) * batch_size  # whole batches of the epoch-0 order
 
 
@@ -165,16 +166,26 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
     # Streamed from the shard: each latent is read about once, so loading all of them (~2 GB) gains nothing.
     data = prepare_data(spec, torch.device("cpu"), progress=options.progress, residency="stream")
     try:
+        if options.reference is None:
+            options = replace(options, reference="test" if len(data.test_names) >= 2 or not data.val_names else "val")
+            if options.reference == "val" and options.progress:
+                print(f"reference: the test split has {len(data.test_names)} latent(s), too few; using the validation split",
+                      file=sys.stderr, flush=True)
+        split_label = {"test": "test", "val": "validation", "train": "training"}[options.reference]
+        if options.reference == "test" and not data.test_names:
+            raise UserError("the run has no test split (data.test_fraction is 0); use --reference val or train")
         if options.reference == "val" and not data.val_names:
-            raise UserError("the run has no validation split (data.val_fraction is 0); use --reference train")
+            raise UserError("the run has no validation split (data.val_fraction is 0); use --reference test or train")
         available = _available(data, options.reference, bs)
         n = options.n if options.n is not None else min(available, DEFAULT_MAX_N)
         if n > available:
             raise UserError(
-                f"--n {n}: larger than possible; the {'validation' if options.reference == 'val' else 'training'} split "
+                f"--n {n}: larger than possible; the {split_label} split "
                 f"has {available} latents to compare with (FD and MMD compare sets of equal size)"
-                + ("; use a smaller --n or --reference train" if options.reference == "val" else "")
+                + ("; use a smaller --n or --reference train" if options.reference != "train" else "")
             )
+        if options.progress:
+            print(f"reference: {n} latents of the {split_label} split", file=sys.stderr, flush=True)
         if n < 2:
             raise UserError(f"--n {n}: FD and MMD need at least 2 samples (the reference split has {available})")
         stats = data.stats.to("cpu")
@@ -193,7 +204,7 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
             seen = 0
             while seen < n_train:
                 batch = train_batches.next_batch()[: n_train - seen]
-                train.add(batch, stats.denormalise(batch), with_features=seen < n and options.reference == "val")
+                train.add(batch, stats.denormalise(batch), with_features=seen < n and options.reference != "train")
                 seen += batch.shape[0]
         finally:
             train_batches.close()
@@ -208,7 +219,7 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
         return {"fd": frechet_distance(feats, ref_feats), "mmd2": list(mmd.values()), "mmd2_mean": float(np.mean(list(mmd.values())))}
 
     floor = None
-    if options.reference == "val":
+    if options.reference != "train":
         train_feats = train.feature_matrix()[:n]
         if train_feats.shape[0] >= 2:
             floor = {"n": int(train_feats.shape[0]), **compare(train_feats)}
@@ -310,7 +321,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{r['weights']:8} {r['nfe']:>4} {r['fd']:>10.4g} {r['mmd2_mean']:>10.4g} {r['diversity']:>10.4g} {r['diversity_ratio']:>9.3f}")
     floor = summary.get("reference_floor")
     if floor:
-        lines.append(f"{'real':8} {'-':>4} {floor['fd']:>10.4g} {floor['mmd2_mean']:>10.4g}   (training vs validation latents, N = {floor['n']})")
+        lines.append(f"{'real':8} {'-':>4} {floor['fd']:>10.4g} {floor['mmd2_mean']:>10.4g}   (training vs {summary['reference']} latents, N = {floor['n']})")
     for k, better in summary["ema_better_fd"].items():
         lines.append(f"NFE {k}: FD(EMA) {'<' if better else '>='} FD(online)")
     return "\n".join(lines)
