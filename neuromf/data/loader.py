@@ -237,18 +237,25 @@ def check_stats_file(spec: RunSpec, mean: np.ndarray, std: np.ndarray, lo: np.nd
 
 
 def prepare_data(
-    spec: RunSpec, device: torch.device | str, *, pack: bool = True, progress: bool = True, residency: Optional[str] = None
+    spec: RunSpec, device: torch.device | str, *, pack: bool = True, progress: bool = True, residency: Optional[str] = None,
+    verify: Optional[str] = None,
 ) -> LatentData:
     """Find, split, normalise and place the latents of a run-spec (see the module docstring).
 
     pack=False skips packing a missing or stale shard (other DDP ranks, after
     rank 0 ran `ensure_shard`); it also keeps warnings to rank 0. `residency`
     overrides data.residency (evaluation reads each latent about once: "stream").
+    verify "once" / "always": check the shard's content checksum before reading
+    it, once per shard file (recorded in the run folder) or every time.
     """
     d, device = spec.data, torch.device(device)
     shard: Optional[Path] = None
     if d.source in ("shard", "demo"):
         shard = ensure_shard(spec, progress) if pack else default_shard_path(spec)
+        if verify is not None:
+            from neuromf.data.record import verify_shard_once
+
+            verify_shard_once(spec.paths.run_dir, shard, force=verify == "always", progress=progress)
         info = read_shard_info(shard)
         names, metas, shape, dtype, sample_bytes = info.names, info.metas, info.shape, info.torch_dtype, info.sample_bytes
         computed, lo, hi = (info.mean, info.std), info.min, info.max
@@ -317,16 +324,14 @@ class FolderRows:
         self._handles.clear()
 
 
-def check_run_data(spec: RunSpec, data: LatentData, *, resume: Optional[str], verify: bool = False, progress: bool = True) -> None:
-    """At the start of training (rank 0): verify the shard's checksum once (always with `verify`), and write
-    <run_dir>/split.json, refusing a resume (--resume PATH, or auto with checkpoints present) whose split changed."""
-    from neuromf.data.record import record_split, split_record, verify_shard_once
+def check_run_data(spec: RunSpec, data: LatentData, *, resume: Optional[str]) -> None:
+    """At the start of training (rank 0): write <run_dir>/split.json, refusing a resume (--resume PATH, or auto
+    with checkpoints present) whose split changed."""
+    from neuromf.data.record import record_split, split_record
 
     folder = spec.paths.run_dir / "checkpoints"
     resuming = resume is not None and (resume != "auto" or (folder.is_dir() and any(folder.glob("*.pt"))))
 
-    if data.shard is not None:
-        verify_shard_once(spec.paths.run_dir, data.shard, force=verify, progress=progress)
     if data.split is not None:
         d = spec.data
         record = split_record(data.split, seed=d.split_seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,

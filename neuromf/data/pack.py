@@ -10,6 +10,7 @@ failed to flush at interpreter exit (it crashed there with a segfault).
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -79,17 +80,32 @@ def _stored_meta(meta: LatentMeta) -> LatentMeta:
     return LatentMeta(meta.name, parsed.subject, meta.session or parsed.session, meta.dataset or parsed.dataset, meta.source_path)
 
 
-def _write(f: h5py.File, scan: FolderScan, dtype: str, content: "hashlib._Hash", progress: bool, label: str) -> None:
+def _create(f: h5py.File, scan: FolderScan, dtype: str, attrs: dict) -> None:
+    """Everything but the latents' values: the latents dataset allocated in full (so its space can be reserved
+    before any value is written), names, metadata, and every attribute at its final size (the checksum as a
+    placeholder of the same length, `complete` False)."""
     n, shape = len(scan.good), scan.shape
     assert shape is not None
-    ds = f.create_dataset("latents", shape=(n, *shape), dtype=STORAGE[dtype][0], chunks=(1, *shape), track_times=False)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    ds = f.create_dataset("latents", shape=(n, *shape), dtype=STORAGE[dtype][0], chunks=(1, *shape), track_times=False,
+                          dcpl=dcpl, fill_time="never")
     ds.attrs["dtype"] = dtype
-    names = scan.names
     text = h5py.string_dtype("utf-8")
-    f.create_dataset("names", data=np.array(names, dtype=object), dtype=text, track_times=False)
+    f.create_dataset("names", data=np.array(scan.names, dtype=object), dtype=text, track_times=False)
     metas = [_stored_meta(m) for m in scan.metas]
     for key in META_FIELDS:
         f.create_dataset(key, data=np.array([getattr(m, key) for m in metas], dtype=object), dtype=text, track_times=False)
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    f.attrs["content_sha256"] = "0" * 64
+    f.attrs["complete"] = False
+
+
+def _fill(f: h5py.File, scan: FolderScan, dtype: str, content: "hashlib._Hash", progress: bool, label: str) -> None:
+    """Write the latents' values (re-read from the sources, checked against the scan's hashes)."""
+    ds = f["latents"]
+    names = scan.names
     handles: dict[Path, h5py.File] = {}
     try:
         for i, item in enumerate(tqdm(scan.good, desc=f"packing {label}", unit="latent", disable=not progress,
@@ -113,6 +129,30 @@ def _write(f: h5py.File, scan: FolderScan, dtype: str, content: "hashlib._Hash",
     finally:
         for handle in handles.values():
             handle.close()
+
+
+RESERVE_MARGIN = 1 << 20  # bytes reserved beyond the allocated file for the metadata written at the end
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _reserve(tmp: Path, out: Path) -> None:
+    """Reserve the disk blocks of the whole shard before writing values: HDF5 (2.0) cannot close a file after a
+    failed write (it crashes the interpreter), so a full disk must show here, as a plain OSError."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size + RESERVE_MARGIN)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: nothing reserved
+            raise
+    finally:
+        os.close(fd)
 
 
 def _discard(f: Optional[h5py.File], tmp: Path) -> None:
@@ -179,32 +219,34 @@ def pack_latents(
     _remove_stale_temps(out)
     tmp = _temp_name(out)
     content = _content_hash(n, shape, dtype)
+    sample_bytes = int(np.prod(shape)) * np.dtype(STORAGE[dtype][0]).itemsize
+    need = n * sample_bytes + sum(len(m.name) + len(m.source_path) + 64 for m in scan.metas) + RESERVE_MARGIN
+    free = _free_bytes(out.parent)
+    if free is not None and free < need:
+        raise UserError(f"{out}: cannot write the shard: no space left on that disk (needs {need / 2**20:.1f} MiB, "
+                        f"{free / 2**20:.1f} MiB free)")
+    attrs = {
+        "format": SHARD_FORMAT, "format_version": FORMAT_VERSION, "n": n, "shape": np.asarray(shape, np.int64),
+        "dtype": dtype, "channel_mean": stats.mean, "channel_std": stats.std, "channel_min": stats.min,
+        "channel_max": stats.max,
+        "stats_note": "float64 over all packed latents' source values (before any dtype cast); population std",
+        "scale_factor": float(scale_factor), "source_count": scan.n_latents, "source_dir": str(src_dir.resolve()),
+        "skipped": json.dumps([[latent_name(p), reason] for p, reason in scan.bad]),
+        "source_sha256": scan.source_sha256, "source_fingerprint": scan.fingerprint, "created_by": f"neuromf {__version__}",
+    }
     f: Optional[h5py.File] = None
     try:
         with one_thread():
             f = open_h5(tmp, "w")
-            _write(f, scan, dtype, content, progress, out.name)
-            a = f.attrs
-            a["format"] = SHARD_FORMAT
-            a["format_version"] = FORMAT_VERSION
-            a["n"] = n
-            a["shape"] = np.asarray(shape, np.int64)
-            a["dtype"] = dtype
-            a["channel_mean"] = stats.mean
-            a["channel_std"] = stats.std
-            a["channel_min"] = stats.min
-            a["channel_max"] = stats.max
-            a["stats_note"] = "float64 over all packed latents' source values (before any dtype cast); population std"
-            a["scale_factor"] = float(scale_factor)
-            a["source_count"] = scan.n_latents
-            a["source_dir"] = str(src_dir.resolve())
-            a["skipped"] = json.dumps([[latent_name(p), reason] for p, reason in scan.bad])
-            a["source_sha256"] = scan.source_sha256
-            a["source_fingerprint"] = scan.fingerprint
-            a["content_sha256"] = content.hexdigest()
-            a["created_by"] = f"neuromf {__version__}"
-            a["complete"] = True  # last: a file without it was interrupted
-            f.close()  # flushes: a full disk shows here, inside the handler
+            _create(f, scan, dtype, attrs)
+            f.close()
+            f = None
+            _reserve(tmp, out)
+            f = open_h5(tmp, "r+")
+            _fill(f, scan, dtype, content, progress, out.name)
+            f.attrs["content_sha256"] = content.hexdigest()
+            f.attrs["complete"] = True  # last: a file without it was interrupted
+            f.close()
             f = None
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

@@ -97,9 +97,11 @@ class Trainer:
         self.dtype = autocast_dtype(spec, self.device)
         world, rank = self.dist.world_size, self.dist.rank
         with self.dist.main_first("preparing the data"):  # rank 0 packs the shard; the others only read it
-            self.data = prepare_data(spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main)
-            if self.dist.is_main and not dry_run:  # shard checksum (once per shard), split.json (refuses a changed split)
-                check_run_data(spec, self.data, resume=resume, verify=verify_data)
+            # rank 0 checks the shard's checksum once per shard file (every time with --verify-data) before reading it
+            verify = ("always" if verify_data else "once") if self.dist.is_main and not dry_run else None
+            self.data = prepare_data(spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main, verify=verify)
+            if self.dist.is_main and not dry_run:  # writes split.json; refuses a resume whose split changed
+                check_run_data(spec, self.data, resume=resume)
         # training.batch_size is the GLOBAL batch: each rank takes its block of batch_size / world_size.
         self.batches = self.data.train_batches(spec.training.batch_size // world, rank=rank, world_size=world)
         self.micro_batch = spec.training.batch_size // (world * spec.training.accumulate_grad_batches)
