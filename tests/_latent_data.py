@@ -46,7 +46,7 @@ def write_stats_json(folder: Path, mean: Any, std: Any) -> Path:
     return path
 
 
-def longitudinal_metas(datasets: dict[str, int], seed: int = 0, first_subject: int = 0) -> list["LatentMeta"]:
+def longitudinal_metas(datasets: dict[str, int], seed: int = 0, first_subject: int = 0) -> list:
     """FOMO-style metadata: per dataset, subjects sub_NNN with 1-4 sessions each, named {dataset}_{subject}_{session}."""
     import random
 

@@ -14,7 +14,6 @@ import math
 import queue
 import threading
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np

@@ -5,29 +5,25 @@ dict with one under "z", "latent" or "latents". Files are loaded with
 `torch.load(weights_only=True)`, so a file can never run code. Every way a file
 can be wrong becomes one line naming the file and the problem.
 
-`scan_latents` reads a whole folder once: it validates every file, finds the
-common shape, hashes the sources (so a stale shard is detected) and computes
-per-channel statistics in float64 (Chan's parallel mean/variance merge, so
-nothing but a few numbers per file is kept in memory).
+`ChannelStats` accumulates per-channel statistics in float64 (Chan's parallel
+mean/variance merge, so nothing but a few numbers per file is kept in memory);
+reading a whole folder is scan.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import sys
 import warnings
-from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from neuromf.errors import UserError
 

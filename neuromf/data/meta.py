@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from neuromf.errors import UserError
 
@@ -106,17 +106,3 @@ def parsed_meta(name: str, source_path: str = "") -> LatentMeta:
     if not hit:
         return LatentMeta(name, source_path=source_path)
     return LatentMeta(name, hit.group("subject") or "", hit.group("session") or "", hit.group("dataset") or "", source_path)
-
-
-def check_unique(metas: Sequence[LatentMeta], where: str) -> None:
-    """Two latents with one name (e.g. the same volume as a .pt file and in an upstream shard): UserError."""
-    seen: dict[str, LatentMeta] = {}
-    for m in metas:
-        if m.name in seen:
-            a, b = seen[m.name].source_path or "?", m.source_path or "?"
-            raise UserError(f"{where}: two latents are named {m.name!r} ({a} and {b}); keep one of them")
-        seen[m.name] = m
-
-
-def optional(value: Optional[str]) -> str:
-    return "" if value is None else str(value)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -97,7 +98,7 @@ def verify_shard_once(run_dir: Path, shard: Path, force: bool = False, progress:
         if all(recorded.get(k) == v for k, v in identity.items()):
             return False
     if progress:
-        print(f"verifying {shard} ({st.st_size / 2**20:.0f} MiB): content checksum", flush=True)
+        print(f"verifying {shard} ({st.st_size / 2**20:.0f} MiB): content checksum", file=sys.stderr, flush=True)
     started = time.perf_counter()
     actual = content_checksum(shard)
     if actual != info.content_sha256:
