@@ -110,6 +110,20 @@ def test_split_json_written_and_a_changed_split_refuses_resume(tmp_path: Path, l
     assert "new (PT007_NEW_sub_000_ses_1" in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
+def test_evaluate_uses_the_test_split_by_default_and_says_so(tmp_path: Path, lat: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _spec(tmp_path, lat, test_fraction=0.3)
+    assert main(["train", str(spec)]) == 0
+    test_names = json.loads((tmp_path / "run" / "split.json").read_text())["test"]
+    assert len(test_names) >= 2
+    capsys.readouterr()
+    out_json = tmp_path / "ev.json"
+    assert main(["evaluate", str(tmp_path / "run"), "--nfe", "1", "--n", "2", "--device", "cpu", "--no-progress",
+                 "--json", str(out_json), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads(out_json.read_text())["reference"] == "test"
+    assert "vs test latents" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- shard checksum and absurd values
 
 

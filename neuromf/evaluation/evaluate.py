@@ -2,8 +2,8 @@
 
 For each weights (ema, online) and each NFE, N samples are generated from the
 same per-sample noise and compared with N reference latents (the test split
-by default: validation picks best.pt, so it is not held out from selection) in the pooled-statistics feature space (features.py):
-Fréchet distance and RBF-kernel MMD^2 at three bandwidths (0.5, 1 and 2 times
+by default: validation picks best.pt, so it is not held out from selection) in
+the pooled-statistics feature space (features.py): Fréchet distance and RBF-kernel MMD^2 at three bandwidths (0.5, 1 and 2 times
 the median distance between reference features). Beside them: per-channel
 mean, std, skewness and kurtosis of the de-normalised samples against
 training latents (P4-T7) with a histogram PNG, and the mean pairwise distance
