@@ -75,8 +75,15 @@ def record_split(run_dir: Path, record: dict[str, Any], resuming: bool) -> Path:
                             "restore the latents and data.* settings, or start a new paths.run_dir")
         if old == record:
             return path
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    _write(path, json.dumps(record, indent=1) + "\n")
     return path
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
 
 
 def verify_shard_once(run_dir: Path, shard: Path, force: bool = False, progress: bool = True) -> bool:
@@ -100,10 +107,15 @@ def verify_shard_once(run_dir: Path, shard: Path, force: bool = False, progress:
     if progress:
         print(f"verifying {shard} ({st.st_size / 2**20:.0f} MiB): content checksum", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    actual = content_checksum(shard)
+    try:
+        actual = content_checksum(shard)
+    except (OSError, KeyError) as e:  # a damaged chunk or header fails inside HDF5
+        raise UserError(f"{shard}: damaged: its latents cannot be read ({' '.join(str(e).split())[:120]}); "
+                        "pack it again from the sources") from None
     if actual != info.content_sha256:
         raise UserError(f"{shard}: damaged: its latents' checksum is {actual[:16]}..., the shard says "
                         f"{info.content_sha256[:16]}...; pack it again from the sources")
-    atomic_write_text(record_path, json.dumps({**identity, "verified_s": round(time.perf_counter() - started, 2),
-                                               "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1) + "\n")
+    record = {**identity, "verified_s": round(time.perf_counter() - started, 2),
+              "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write(record_path, json.dumps(record, indent=1) + "\n")
     return True
