@@ -1,6 +1,6 @@
 """A real, short training run shared by test_evaluation.py and test_verify.py (built once per pytest session).
 
-Tiny MAISI UNet on 24 demo volumes at 16^3 (18 train / 6 val), batch 4
+Tiny MAISI UNet on 24 demo volumes at 16^3 (17 train / 6 val / 1 test), batch 4
 (4 steps per epoch): 6 steps, then resumed to 12 steps (3 epochs), so the log
 has a real "resumed from ... at step 6" event. Samples every epoch, EMA and
 online, NFE 1 and 2. The spec is a minimal copy of test_trainer.py's tiny_raw.

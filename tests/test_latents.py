@@ -15,11 +15,11 @@ from neuromf.data.latents import (
     LatentFileError,
     check_stats_file,
     compare_stats,
-    list_latent_files,
     read_latent,
     read_stats_json,
-    scan_latents,
 )
+from neuromf.data.scan import scan_latents
+from neuromf.data.sources import list_latent_files
 from neuromf.data.stats import LatentStats
 from neuromf.errors import UserError
 
@@ -114,7 +114,7 @@ def test_scan_lists_bad_files_and_the_odd_shape(tmp_path: Path) -> None:
     reasons = {p.stem: r for p, r in scan.bad}
     assert set(reasons) == set(expected) | {"small"}
     assert "differs from [4, 16, 16, 16]" in reasons["small"]
-    assert [p.stem for p in scan.good] == ["ok", "sub-000", "sub-001", "sub-002"]
+    assert [item.name for item in scan.good] == ["ok", "sub-000", "sub-001", "sub-002"]
     assert scan.shape == SHAPE and len(scan.file_hashes) == len(scan.files) == len(expected) + 5
 
 

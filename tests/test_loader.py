@@ -12,7 +12,8 @@ import torch
 from _latent_data import SHAPE, make_latent, write_latents, write_stats_json
 from neuromf.data.loader import LatentData, TrainBatches, available_host_memory, choose_residency, prepare_data
 from neuromf.data.shard import read_shard_info
-from neuromf.data.split import split_names
+from neuromf.data.meta import LatentMeta
+from neuromf.data.split import split_subjects
 from neuromf.errors import UserError
 from neuromf.spec import runspec_from_dict
 from neuromf.spec.schema import RunSpec
@@ -46,7 +47,8 @@ def _identify(x: torch.Tensor, data: LatentData, raw: dict[str, torch.Tensor]) -
 def test_batches_shape_split_and_normalisation(tmp_path: Path, latents: dict[str, torch.Tensor], residency: str) -> None:
     data = prepare_data(make_spec(tmp_path, residency=residency), CPU, progress=False)
     assert data.residency == residency and data.shape == SHAPE
-    assert (data.train_names, data.val_names) == split_names(sorted(latents), 0.10, 42)
+    split = split_subjects([LatentMeta(n) for n in sorted(latents)], 0.10, 0.05, 42)
+    assert (data.train_names, data.val_names, data.test_names) == (split.train, split.val, split.test)
     assert data.shard == tmp_path / "run/data/latents.h5" and read_shard_info(data.shard).n == 22  # packed on demand
     batches = data.train_batches(4)
     assert (batches.batch_size, batches.steps_per_epoch) == (4, 5)  # 20 train latents, drop_last
@@ -82,7 +84,7 @@ def test_residencies_and_folder_source_give_identical_batches(tmp_path: Path, la
 def test_residency_argument_overrides_the_spec(tmp_path: Path, latents: dict[str, torch.Tensor]) -> None:
     """What `neuromf evaluate` uses: stream from the shard whatever data.residency says."""
     data = prepare_data(make_spec(tmp_path, residency="host"), CPU, progress=False, residency="stream")
-    assert data.residency == "stream" and type(data._train).__name__ == "ShardRows"
+    assert data.residency == "stream" and type(data._train.rows).__name__ == "ShardRows"  # checked (GuardedRows)
     data.close()
 
 
@@ -141,7 +143,7 @@ def test_epochs_reshuffle_and_ranks_split_the_global_batch(tmp_path: Path, laten
 
 
 def test_val_batches_fixed_order_no_drop(tmp_path: Path, latents: dict[str, torch.Tensor]) -> None:
-    data = prepare_data(make_spec(tmp_path, val_fraction=0.3, residency="stream"), CPU, progress=False)
+    data = prepare_data(make_spec(tmp_path, val_fraction=0.35, residency="stream"), CPU, progress=False)
     assert len(data.val_names) == 7
     val = data.val_batches(3)
     first = list(val)
@@ -171,7 +173,9 @@ def test_statistics_sources(tmp_path: Path, latents: dict[str, torch.Tensor]) ->
     with pytest.raises(UserError, match="latent_stats.json: no such file"):
         prepare_data(make_spec(tmp_path, stats="file"), CPU, progress=False)
     write_stats_json(tmp_path / "lat", [1, 2, 3, 4], [5, 6, 7, 8])
-    data = prepare_data(make_spec(tmp_path, stats="file"), CPU, progress=False)
+    with pytest.raises(UserError, match="beyond 10 %"):  # far off the data: refused unless asked to warn only
+        prepare_data(make_spec(tmp_path, stats="file"), CPU, progress=False)
+    data = prepare_data(make_spec(tmp_path, stats="file", stats_mismatch="warn"), CPU, progress=False)
     assert data.stats.mean.tolist() == [1, 2, 3, 4] and data.stats.std.tolist() == [5, 6, 7, 8]
     data = prepare_data(make_spec(tmp_path, normalise=False), CPU, progress=False)
     x = data.train_batches(2).next_batch()

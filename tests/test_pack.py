@@ -16,7 +16,8 @@ import torch
 
 from _latent_data import SHAPE, make_latent, numpy_stats, write_latents, write_stats_json
 from neuromf.cli import main
-from neuromf.data.shard import content_checksum, pack_latents, read_shard, read_shard_info, shard_freshness
+from neuromf.data.pack import pack_latents
+from neuromf.data.shard import content_checksum, read_shard, read_shard_info, shard_freshness
 from neuromf.errors import UserError
 from neuromf.spec.schema import MAISI_SCALE_FACTOR
 from test_latents import _bad_files
@@ -122,7 +123,7 @@ def test_each_bad_input_fails_with_its_error_and_no_shard(
     assert main(["pack", str(src), str(out / "latents.h5"), "--no-progress"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"{src / bad}.pt: ") and words in err[0], err
-    assert "1 of 4 latent files are bad" in err[-1]
+    assert "1 of 4 latents are bad" in err[-1]
     assert _leftovers(out) == []
 
 
@@ -227,7 +228,7 @@ def test_staleness_is_detected(tmp_path: Path) -> None:
 # Packs slowly (a sleep per written sample) so the test can kill it mid-write.
 SLOW_PACK = """
 import sys, time
-import neuromf.data.shard as shard
+import neuromf.data.pack as shard
 real = shard.load_latent_bytes
 def slow(data, path):
     time.sleep(0.15)

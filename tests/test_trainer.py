@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def latent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 demo volumes at 16^3 (22 train / 2 val): 5 steps of 4 per epoch."""
+    """24 demo volumes at 16^3 (21 train / 3 val, by the subject split; no test split): 5 steps of 4 per epoch."""
     return build_demo_dataset(tmp_path_factory.mktemp("latents") / "demo", n_volumes=24, size=16, seed=0)
 
 
@@ -45,7 +45,7 @@ def tiny_raw(latent_dir: Path, run_dir: Path, **sections: dict[str, Any]) -> dic
             "deterministic": True,
         },
         "ema": {"decay": 0.9},
-        "data": {"source": "shard", "latent_dir": str(latent_dir), "shard": str(run_dir / "latents.h5")},
+        "data": {"source": "shard", "latent_dir": str(latent_dir), "shard": str(run_dir / "latents.h5"), "test_fraction": 0.0},
         "hardware": {"device": "cpu", "num_threads": 1},
         "paths": {"run_dir": str(run_dir)},
         "checkpoint": {"save_every_n_epochs": 1, "latest_every_n_steps": 2, "keep_last": 2},

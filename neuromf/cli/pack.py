@@ -1,4 +1,5 @@
-"""`neuromf pack SPEC` or `neuromf pack SRC_DIR OUT.h5`: pack `.pt` latents into one HDF5 shard."""
+"""`neuromf pack SPEC` or `neuromf pack SRC_DIR OUT.h5`: pack `.pt` latents and/or upstream per-dataset `.h5`
+shards (their written slots) into one HDF5 shard, with per-latent metadata."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
         metavar="SPEC|SRC_DIR",
-        help="a run-spec (.yaml/.yml: packs data.latent_dir into data.shard) or a folder of .pt latents",
+        help="a run-spec (.yaml/.yml: packs data.latent_dir into data.shard) or a folder of .pt latents and/or the "
+        "upstream encoder's per-dataset .h5 shards",
     )
     parser.add_argument("out", metavar="OUT.h5", nargs="?", help="the shard to write (with SRC_DIR)")
     parser.add_argument(
@@ -37,7 +39,7 @@ def _is_spec(path: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from neuromf.data.shard import format_skipped, pack_latents
+    from neuromf.data.pack import format_skipped, pack_latents
     from neuromf.errors import UserError
 
     if _is_spec(args.source):
@@ -72,5 +74,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print("channel mean: " + ", ".join(f"{v:.4g}" for v in info.mean))
     print("channel std:  " + ", ".join(f"{v:.4g}" for v in info.std))
+    datasets = {m.dataset for m in info.metas}
+    subjects = {(m.dataset, m.subject) for m in info.metas if m.subject}
+    print(f"metadata: {len(subjects)} subjects in {len(datasets)} dataset(s)"
+          + (f"; {info.n - sum(1 for m in info.metas if m.subject)} latents without a subject id" if len(subjects) and
+             any(not m.subject for m in info.metas) else ""))
     print(f"content sha256: {info.content_sha256}")
     return 0

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "PATH: continue from that checkpoint",
     )
     parser.add_argument("--dry-run", action="store_true", help="validate, build the model and the data, run one step, stop")
+    parser.add_argument("--verify-data", action="store_true",
+                        help="recompute the shard's content checksum even if this run already verified this file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,4 +37,4 @@ def run(args: argparse.Namespace) -> int:
     problems = data_problems(spec)
     if problems:
         raise UserError(*problems)
-    return train(spec, resume=args.resume, dry_run=args.dry_run)
+    return train(spec, resume=args.resume, dry_run=args.dry_run, verify_data=args.verify_data)

@@ -50,7 +50,53 @@ def path_problems(spec: RunSpec) -> list[str]:
             problems.append(f"{field}: {folder} is not writable")
     if data.shard is not None and not shard_present and not writable_folder(data.shard.parent):
         problems.append(f"data.shard: cannot write {data.shard} (folder not writable)")
+    return problems + source_problems(spec)
+
+
+def source_problems(spec: RunSpec) -> list[str]:
+    """data.shard must be a NeuroMF shard (or absent, with a data.latent_dir that can be packed or read)."""
+    from neuromf.data.shard import read_shard_info
+    from neuromf.data.sources import list_source_files
+    from neuromf.data.upstream import read_upstream
+    from neuromf.errors import UserError
+
+    data, problems = spec.data, []
+    if data.source in ("shard", "demo") and data.shard is not None and data.shard.exists():
+        try:
+            read_shard_info(data.shard)
+        except UserError as e:
+            if data.latent_dir is None or "incomplete" not in e.problems[0]:
+                problems.append(f"data.shard: {e.problems[0]}")
+    if data.source != "demo" and data.latent_dir is not None and data.latent_dir.is_dir():
+        try:
+            for path in list_source_files(data.latent_dir):
+                if path.name.endswith(".h5"):
+                    read_upstream(path)
+        except UserError as e:
+            problems.extend(f"data.latent_dir: {line}" for line in e.problems)
     return problems
+
+
+def split_of(spec: RunSpec):  # -> Optional[Split]
+    """The subject-level split the run would train on, when the data can be read without packing; else None."""
+    from neuromf.data.loader import default_shard_path
+    from neuromf.data.scan import folder_metas
+    from neuromf.data.shard import read_shard_info
+    from neuromf.data.split import split_subjects
+    from neuromf.errors import UserError
+
+    d = spec.data
+    try:
+        shard = default_shard_path(spec)
+        if d.source in ("shard", "demo") and shard.is_file() and (d.latent_dir is None or d.source == "demo"):
+            metas = read_shard_info(shard).metas
+        elif d.source != "demo" and d.latent_dir is not None and d.latent_dir.is_dir():
+            metas = folder_metas(d.latent_dir, read_pt=d.subject_from == "metadata")
+        else:
+            return None
+    except UserError:
+        return None  # reported by path_problems
+    return split_subjects(metas, d.val_fraction, d.test_fraction, d.split_seed, d.subject_from)
 
 
 def device_problems(spec: RunSpec) -> list[str]:
@@ -84,7 +130,13 @@ def count_latents(spec: RunSpec) -> Optional[int]:
         except (OSError, KeyError):
             return None
     if data.latent_dir is not None and data.latent_dir.is_dir():
-        return sum(1 for p in data.latent_dir.glob("*.pt"))
+        from neuromf.data.scan import folder_metas
+        from neuromf.errors import UserError
+
+        try:
+            return len(folder_metas(data.latent_dir, read_pt=False))
+        except UserError:
+            return None
     return None
 
 
@@ -99,8 +151,8 @@ def count_parameters(spec: RunSpec) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def summary_lines(spec: RunSpec) -> list[str]:
-    from neuromf.data.split import split_sizes
+def summary_lines(spec: RunSpec, split=None) -> list[str]:  # split: Optional[Split]
+    from neuromf.data.split import estimate_sizes
 
     t = spec.training
     lines = [f"run-spec OK: {spec.name}"]
@@ -116,11 +168,18 @@ def summary_lines(spec: RunSpec) -> list[str]:
         + f"{t.accumulate_grad_batches} accumulated x micro-batch {per_gpu}"
     )
     n = count_latents(spec)
-    if n is not None:
-        n_train, n_val = split_sizes(n, spec.data.val_fraction)
+    if split is not None:
+        n_train = len(split.train)
+        lines.append(f"  data:           {len(split.subject_of)} latents, {len(set(split.subject_of.values()))} subjects, "
+                     f"split by subject (data.split_seed {spec.data.split_seed}):")
+        lines.extend(f"    {line}" for line in split.summary_lines())
+    elif n is not None:
+        n_train, n_val, n_test = estimate_sizes(n, spec.data.val_fraction, spec.data.test_fraction)
+        lines.append(f"  data:           {n} latents -> about {n_train} train / {n_val} val / {n_test} test "
+                     "(split by subject; --check-paths shows the split)")
+    if split is not None or n is not None:
         steps = n_train // t.batch_size
         total = t.max_steps or steps * t.max_epochs
-        lines.append(f"  data:           {n} latents -> {n_train} train / {n_val} val")
         lines.append(f"  schedule:       {steps} steps per epoch, {total} optimizer steps in all")
     lines.append(f"  precision:      {t.precision}, compile {'on' if t.compile else 'off'}, device {spec.hardware.device}")
     lines.append(f"  run folder:     {spec.paths.run_dir}")
@@ -129,15 +188,15 @@ def summary_lines(spec: RunSpec) -> list[str]:
     return lines
 
 
-def data_problems(spec: RunSpec) -> list[str]:
+def data_problems(spec: RunSpec, split=None) -> list[str]:  # split: Optional[Split]
     """Checks that need the data's size: an epoch must hold at least one step, warmup must fit."""
-    from neuromf.data.split import split_sizes
+    from neuromf.data.split import estimate_sizes
 
-    n = count_latents(spec)
+    n = count_latents(spec) if split is None else len(split.subject_of)
     if n is None:
         return []
     t = spec.training
-    n_train, _ = split_sizes(n, spec.data.val_fraction)
+    n_train = len(split.train) if split is not None else estimate_sizes(n, spec.data.val_fraction, spec.data.test_fraction)[0]
     if n_train < t.batch_size:
         return [f"training.batch_size: {t.batch_size} is larger than the training split ({n_train} of {n} latents)"]
     total = t.max_steps or (n_train // t.batch_size) * t.max_epochs
@@ -151,12 +210,13 @@ def run(args: argparse.Namespace) -> int:
     from neuromf.spec import load_runspec
 
     spec = load_runspec(args.spec, args.overrides)
-    problems = data_problems(spec)
+    split = split_of(spec) if args.check_paths else None
+    problems = data_problems(spec, split)
     if args.check_paths:
         problems += path_problems(spec)
     if args.check_device:
         problems += device_problems(spec)
     if problems:
         raise UserError(*problems)
-    print("\n".join(summary_lines(spec)))
+    print("\n".join(summary_lines(spec, split)))
     return 0

@@ -10,16 +10,15 @@ validation split in a fixed order.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from neuromf.data.latents import read_latent
 from neuromf.data.shard import ShardInfo, ShardReader
 from neuromf.data.stats import LatentStats
 from neuromf.errors import UserError
@@ -68,17 +67,49 @@ class ShardRows:
             reader.close()
 
 
-class FolderRows:
-    """Samples of a split read from their .pt files on demand (source 'folder', residency 'stream')."""
+ABSURD_STDS = 100.0  # a stored value this many channel stds from the channel mean is damage, not data
 
-    def __init__(self, files: Sequence[Path]) -> None:
-        self.files = list(files)
+
+class GuardedRows:
+    """Rows whose every fetched sample is checked: a non-finite value, or one further than ABSURD_STDS channel
+    stds from the channel mean, is a UserError naming the latent (a damaged shard or file), not a NaN step."""
+
+    def __init__(self, rows: Rows, names: Sequence[str], mean: np.ndarray, std: np.ndarray, where: str = "") -> None:
+        self.rows, self.names, self.where = rows, list(names), where
+        self.mean = torch.as_tensor(np.asarray(mean, np.float64), dtype=torch.float32)
+        self.std = torch.as_tensor(np.asarray(std, np.float64), dtype=torch.float32)
 
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.stack([read_latent(self.files[i]).float() for i in idx.tolist()])
+        x = self.rows.fetch(idx)
+        check_values(x, [self.names[i] for i in idx.tolist()], self.mean, self.std, self.where)
+        return x
 
     def close(self) -> None:
-        pass
+        self.rows.close()
+
+
+def check_values(x: torch.Tensor, names: Sequence[str], mean: torch.Tensor, std: torch.Tensor, where: str = "") -> None:
+    """UserError naming the first latent of batch `x` (B, C, ...) with a non-finite or absurd value."""
+    dims = tuple(d for d in range(x.dim()) if d != 1)
+    xf = x.float()
+    lo, hi = xf.amin(dim=dims), xf.amax(dim=dims)  # per channel
+    m, s = mean.to(lo.device), std.to(lo.device)
+    limit_lo, limit_hi = m - ABSURD_STDS * s, m + ABSURD_STDS * s
+    if bool(torch.isfinite(lo).all() & torch.isfinite(hi).all() & (lo >= limit_lo).all() & (hi <= limit_hi).all()):
+        return
+    xf = x.detach().float().cpu()
+    for b in range(xf.shape[0]):
+        sample = xf[b]
+        for c in range(sample.shape[0]):
+            ch = sample[c]
+            bad = ~torch.isfinite(ch) | (ch < float(limit_lo[c])) | (ch > float(limit_hi[c]))
+            if bool(bad.any()):
+                value = float(ch[bad][0])
+                what = "a non-finite value" if not math.isfinite(value) else \
+                    f"value {value:.4g}, {abs(value - float(m[c])) / float(s[c]):.3g} stds from the channel mean"
+                raise UserError(f"latent {names[b]}{where}: {what} in channel {c} ({int(bad.sum())} such values; "
+                                f"channel mean {float(m[c]):.4g}, std {float(s[c]):.4g}): the data are damaged; "
+                                "check them (neuromf train --verify-data) or pack again")
 
 
 def load_whole(rows: Rows, n: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

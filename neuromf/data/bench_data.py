@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from neuromf.data.loader import prepare_data
-from neuromf.data.shard import ShardReader, pack_latents, read_shard, read_shard_info
+from neuromf.data.pack import pack_latents
+from neuromf.data.shard import ShardReader, read_shard, read_shard_info
 from neuromf.spec import runspec_from_dict
 
 

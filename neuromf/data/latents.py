@@ -5,29 +5,25 @@ dict with one under "z", "latent" or "latents". Files are loaded with
 `torch.load(weights_only=True)`, so a file can never run code. Every way a file
 can be wrong becomes one line naming the file and the problem.
 
-`scan_latents` reads a whole folder once: it validates every file, finds the
-common shape, hashes the sources (so a stale shard is detected) and computes
-per-channel statistics in float64 (Chan's parallel mean/variance merge, so
-nothing but a few numbers per file is kept in memory).
+`ChannelStats` accumulates per-channel statistics in float64 (Chan's parallel
+mean/variance merge, so nothing but a few numbers per file is kept in memory);
+reading a whole folder is scan.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import sys
 import warnings
-from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from neuromf.errors import UserError
 
@@ -56,19 +52,6 @@ def warn(message: str) -> None:
 def latent_name(path: Path) -> str:
     """The name a latent is known by (shard names, split): its file name without `.pt`."""
     return Path(path).name[: -len(".pt")] if str(path).endswith(".pt") else Path(path).name
-
-
-def list_latent_files(folder: Path) -> list[Path]:
-    """The `.pt` files directly in `folder`, sorted by name; an error if there are none."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise UserError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise UserError(f"{folder}: is not a folder of .pt latents")
-    files = sorted((p for p in folder.iterdir() if p.name.endswith(".pt") and not p.name.startswith(".")), key=lambda p: p.name)
-    if not files:
-        raise UserError(f"{folder}: no .pt files in this folder (empty or wrong folder)")
-    return files
 
 
 def _short(e: BaseException) -> str:
@@ -120,6 +103,11 @@ def check_latent(obj: Any, path: Path) -> torch.Tensor:
 
 def load_latent_bytes(data: bytes, path: Path) -> torch.Tensor:
     """Parse a `.pt` file's bytes safely (weights_only) into its checked (C, D, H, W) tensor."""
+    return load_latent_and_meta(data, path)[0]
+
+
+def load_latent_and_meta(data: bytes, path: Path) -> tuple[torch.Tensor, Any]:
+    """(tensor, the dict's "metadata" entry or None): load_latent_bytes that keeps the upstream metadata."""
     if not data:
         raise LatentFileError(path, "unreadable or truncated (the file is empty)")
     try:
@@ -130,7 +118,8 @@ def load_latent_bytes(data: bytes, path: Path) -> torch.Tensor:
         if "Weights only load failed" in str(e):
             raise LatentFileError(path, f"not a plain tensor file: safe loading (weights_only) refused it ({_refusal(e)})") from None
         raise LatentFileError(path, f"unreadable or truncated ({_short(e)})") from None
-    return check_latent(obj, path)
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return check_latent(obj, path), meta
 
 
 def read_latent(path: Path) -> torch.Tensor:
@@ -231,128 +220,6 @@ def compare_stats(
                 f"channel_{c}: file mean {file_mean[c]:.6g} std {file_std[c]:.6g}, computed mean {mean[c]:.6g} std {std[c]:.6g}"
             )
     return problems
-
-
-# ---------------------------------------------------------------- a whole folder
-
-
-def _digest(lines: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode("utf-8") + b"\n")
-    return h.hexdigest()
-
-
-def source_fingerprint(files: Sequence[Path]) -> str:
-    """Cheap identity of the sources (names, sizes, modification times): equal means unchanged, almost surely."""
-    lines = []
-    for p in sorted(files, key=lambda p: p.name):
-        st = p.stat()
-        lines.append(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
-    return _digest(lines)
-
-
-def source_checksum(file_hashes: dict[str, str]) -> str:
-    """sha256 over the sorted file names and the sha256 of each file's bytes."""
-    return _digest([f"{name}\0{file_hashes[name]}" for name in sorted(file_hashes)])
-
-
-def hash_sources(files: Sequence[Path], progress: bool = False) -> str:
-    """source_checksum of files on disk (reads them all)."""
-    hashes = {}
-    for p in tqdm(files, desc="hashing latents", unit="file", disable=not progress, file=sys.stderr):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        hashes[p.name] = h.hexdigest()
-    return source_checksum(hashes)
-
-
-@dataclass
-class FolderScan:
-    """Everything one read of a latent folder learns."""
-
-    folder: Path
-    files: list[Path]  # all .pt files, sorted
-    good: list[Path]  # readable, valid, of the common shape (sorted)
-    bad: list[tuple[Path, str]]  # (file, reason)
-    shape: Optional[tuple[int, ...]]  # common (C, D, H, W)
-    dtypes: Counter = field(default_factory=Counter)  # source dtype -> count (good files)
-    stats: Optional[ChannelStats] = None  # over the good files
-    file_hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256, every file
-    source_sha256: str = ""
-    fingerprint: str = ""
-
-    @property
-    def names(self) -> list[str]:
-        return [latent_name(p) for p in self.good]
-
-    def raise_if_bad(self, limit: int = 20) -> None:
-        """UserError listing the bad files (at most `limit` lines, then a count)."""
-        if not self.bad:
-            return
-        lines = [f"{p}: {reason}" for p, reason in self.bad[:limit]]
-        if len(self.bad) > limit:
-            lines.append(f"{self.folder}: ... and {len(self.bad) - limit} more bad files")
-        lines.append(f"{self.folder}: {len(self.bad)} of {len(self.files)} latent files are bad (--skip-bad packs the others)")
-        raise UserError(*lines)
-
-
-def scan_latents(folder: Path, progress: bool = True) -> FolderScan:
-    """Read every `.pt` file in `folder` once: check it, hash it, and accumulate float64 statistics.
-
-    Files whose shape differs from the most common shape are bad. Statistics
-    cover only the good files. Raises UserError only when the folder itself is
-    wrong (missing, empty); bad files are listed in the result.
-    """
-    files = list_latent_files(folder)
-    fingerprint = source_fingerprint(files)
-    hashes: dict[str, str] = {}
-    valid: list[tuple[Path, tuple[int, ...], torch.dtype, ChannelStats]] = []
-    bad: list[tuple[Path, str]] = []
-    with one_thread():
-        for p in tqdm(files, desc="checking latents", unit="file", disable=not progress, file=sys.stderr, mininterval=0.5):
-            try:
-                data = p.read_bytes()
-            except OSError as e:
-                bad.append((p, f"cannot read ({_short(e)})"))
-                continue
-            hashes[p.name] = hashlib.sha256(data).hexdigest()
-            try:
-                x = load_latent_bytes(data, p)
-            except LatentFileError as e:
-                bad.append((p, e.reason))
-                continue
-            valid.append((p, tuple(x.shape), x.dtype, ChannelStats.of(x)))
-    shape = None
-    good: list[Path] = []
-    stats: Optional[ChannelStats] = None
-    dtypes: Counter = Counter()
-    if valid:
-        counts = Counter(s for _, s, _, _ in valid)
-        top = max(counts.values())
-        shape = next(s for _, s, _, _ in valid if counts[s] == top)  # most common; ties: the first file's
-        for p, s, dtype, st in valid:
-            if s != shape:
-                bad.append((p, f"shape {list(s)} differs from {list(shape)} of the other {top} files"))
-                continue
-            good.append(p)
-            dtypes[str(dtype).replace("torch.", "")] += 1
-            stats = st if stats is None else stats.merge(st)
-    bad.sort(key=lambda item: item[0].name)
-    return FolderScan(
-        folder=Path(folder),
-        files=files,
-        good=good,
-        bad=bad,
-        shape=shape,
-        dtypes=dtypes,
-        stats=stats,
-        file_hashes=hashes,
-        source_sha256=source_checksum(hashes) if len(hashes) == len(files) else "",
-        fingerprint=fingerprint,
-    )
 
 
 def check_stats_file(path: Path, stats: ChannelStats) -> list[str]:

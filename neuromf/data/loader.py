@@ -1,11 +1,13 @@
 """The batch source the trainer uses: split, normalise, keep the data where it is fastest, and resume exactly.
 
 `prepare_data(spec, device)` finds the latents (packing the shard when missing
-or stale), splits the names, picks the statistics and the residency, and
-returns a `LatentData`. Its `train_batches(batch_size)` gives fixed-shape,
+or stale), splits them by subject into train/val/test (split.py), checks
+latent_stats.json against the data, picks the statistics and the residency,
+and returns a `LatentData`. Its `train_batches(batch_size)` gives fixed-shape,
 normalised batches on the device in an order that is a pure function of
 (training seed, epoch, position): the state to save for exact resume is three
-integers. `val_batches(batch_size)` iterates the validation set in a fixed order.
+integers. `val_batches(batch_size)` and `test_batches(batch_size)` iterate the
+held-out sets in a fixed order (the test split is read from disk only when asked).
 
 Residency: "device" and "host" load the split once into one tensor (on the GPU,
 or in RAM) and draw batches by index (no workers, no per-step file I/O);
@@ -24,17 +26,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from neuromf.data.batches import FolderRows, MemoryRows, Rows, ShardRows, TrainBatches, ValBatches, load_whole, names_digest
-from neuromf.data.latents import latent_name, scan_latents, stats_file_beside, warn
-from neuromf.data.shard import pack_latents, read_shard_info, shard_freshness
-from neuromf.data.split import split_names
-from neuromf.data.stats import LatentStats
+from neuromf.data.batches import GuardedRows, MemoryRows, Rows, ShardRows, TrainBatches, ValBatches, load_whole, names_digest
+from neuromf.data.latents import stats_file_beside, warn
+from neuromf.data.pack import pack_latents
+from neuromf.data.scan import read_item, scan_latents
+from neuromf.data.shard import read_shard_info, shard_freshness
+from neuromf.data.split import Split, split_subjects
+from neuromf.data.stats import REFUSE_RTOL, LatentStats, compare_stats_file
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 
 __all__ = [
     "LatentData", "LatentStats", "TrainBatches", "ValBatches", "available_host_memory", "choose_residency",
-    "default_shard_path", "ensure_shard", "latent_source_dir", "prepare_data",
+    "default_shard_path", "ensure_shard", "latent_source_dir", "prepare_data", "check_run_data",
 ]
 
 DEVICE_FRACTION = 0.25  # data may take this share of free GPU memory; the rest is for model, optimizer, activations
@@ -50,13 +54,13 @@ def default_shard_path(spec: RunSpec) -> Path:
 
 
 def latent_source_dir(spec: RunSpec) -> Path:
-    """The folder of .pt latents: data.latent_dir, or the demo set (built when absent) for source 'demo'."""
+    """The folder of latents (.pt files and/or upstream .h5 shards): data.latent_dir, or the demo set (built when absent) for source 'demo'."""
     if spec.data.source == "demo":
         from neuromf.data.demo import ensure_demo_dataset
 
         return Path(ensure_demo_dataset(spec))
     if spec.data.latent_dir is None:
-        raise UserError("data.latent_dir: not set; it is the folder of .pt latents to pack")
+        raise UserError("data.latent_dir: not set; it is the folder of latents to pack")
     return spec.data.latent_dir
 
 
@@ -68,14 +72,32 @@ def ensure_shard(spec: RunSpec, progress: bool = True) -> Path:
             raise UserError(f"data.shard: {shard} does not exist, and data.latent_dir is not set to pack it from")
         return shard
     src = latent_source_dir(spec)
+    if shard.is_file() and _foreign_hdf5(shard):
+        raise UserError(f"data.shard: {shard} exists and is not a NeuroMF shard (an upstream encoder shard?); "
+                        "refusing to overwrite it: point data.shard at a new file and data.latent_dir at the sources")
     if not src.is_dir() and shard.exists():
         warn(f"{src} is not there; using {shard} without checking that it is up to date")
         return shard
     fresh, why = shard_freshness(shard, src)
     if not fresh:
         print(f"packing {src} into {shard}: {why}", file=sys.stderr, flush=True)
-        pack_latents(src, shard, scale_factor=spec.vae.scale_factor, stats_file=spec.data.stats_file, progress=progress)
+        # latent_stats.json is compared with the data once, by prepare_data, not here too
+        pack_latents(src, shard, scale_factor=spec.vae.scale_factor, check_stats=False, progress=progress)
     return shard
+
+
+def _foreign_hdf5(path: Path) -> bool:
+    """A readable HDF5 file without NeuroMF's format attribute (packing over it would destroy someone's data)."""
+    import h5py
+
+    from neuromf.data.upstream import is_neuromf_shard
+
+    try:
+        with h5py.File(path, "r", locking=False):
+            pass
+    except OSError:
+        return False  # not HDF5 (e.g. a truncated shard): repacked as before
+    return not is_neuromf_shard(path)
 
 
 def available_host_memory() -> int:
@@ -136,8 +158,11 @@ class LatentData:
     seed: int
     flip_lr: bool = False
     flip_axis: int = 2
+    test_names: list[str] = field(default_factory=list)
+    split: Optional[Split] = None
     _train: Rows = field(default=None, repr=False)  # type: ignore[assignment]
     _val: Rows = field(default=None, repr=False)  # type: ignore[assignment]
+    _test: Optional[Rows] = field(default=None, repr=False)  # streamed: read only when asked
 
     def train_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> TrainBatches:
         """Shuffled, drop_last batches of `batch_size` per rank (see TrainBatches)."""
@@ -151,11 +176,25 @@ class LatentData:
         """Validation batches in a fixed order; rank r gets every world_size-th sample."""
         return ValBatches(self._val, len(self.val_names), batch_size, self.stats, self.device, rank, world_size)
 
+    def test_batches(self, batch_size: int) -> ValBatches:
+        """The test split in a fixed order (sorted names), streamed from disk."""
+        assert self._test is not None
+        return ValBatches(self._test, len(self.test_names), batch_size, self.stats, self.device)
+
     def close(self) -> None:
         """Release the data (GPU/host memory, HDF5 handles)."""
-        for rows in (self._train, self._val):
+        for rows in (self._train, self._val, self._test):
             if rows is not None:
                 rows.close()
+
+
+def _stats_file_of(spec: RunSpec) -> Optional[Path]:
+    d = spec.data
+    if d.stats_file is not None:
+        return d.stats_file
+    if d.source == "demo" or d.latent_dir is not None:
+        return stats_file_beside(latent_source_dir(spec))
+    return None
 
 
 def _stats_for(spec: RunSpec, computed: tuple[np.ndarray, np.ndarray], channels: int) -> LatentStats:
@@ -164,11 +203,8 @@ def _stats_for(spec: RunSpec, computed: tuple[np.ndarray, np.ndarray], channels:
         return LatentStats.identity(channels)
     if d.stats == "shard":
         return LatentStats(*computed)
-    if d.stats_file is not None:
-        path = d.stats_file
-    elif d.source == "demo" or d.latent_dir is not None:
-        path = stats_file_beside(latent_source_dir(spec))
-    else:
+    path = _stats_file_of(spec)
+    if path is None:
         raise UserError("data.stats_file: required with data.stats 'file' when data.latent_dir is not set")
     stats = LatentStats.from_json(path)
     if stats.channels != channels:
@@ -176,53 +212,128 @@ def _stats_for(spec: RunSpec, computed: tuple[np.ndarray, np.ndarray], channels:
     return stats
 
 
+def check_stats_file(spec: RunSpec, mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                     n_latents: int, say: bool = True) -> list[str]:
+    """Compare latent_stats.json with the data's statistics: warn (once per line) beyond 2 % of the channel std;
+    with data.stats 'file', refuse (UserError) beyond 10 % unless data.stats_mismatch is 'warn'."""
+    path = _stats_file_of(spec)
+    if path is None or not path.is_file():
+        return []
+    try:
+        warnings, refusals = compare_stats_file(path, mean, std, lo, hi, n_latents)
+    except UserError as e:
+        if spec.data.stats == "file" and spec.data.normalise:
+            raise
+        warnings, refusals = list(e.problems), []
+    if say:
+        for line in warnings:
+            warn(f"{path} disagrees with the data: {line}")
+    d = spec.data
+    if refusals and d.stats == "file" and d.normalise and d.stats_mismatch == "refuse":
+        raise UserError(f"{path}: {refusals[0]}; beyond {100 * REFUSE_RTOL:.0f} % training would normalise with wrong "
+                        "statistics (data.stats: file): fix or remove the file, use data.stats: shard, or set "
+                        "data.stats_mismatch: warn")
+    return warnings
+
+
 def prepare_data(
-    spec: RunSpec, device: torch.device | str, *, pack: bool = True, progress: bool = True, residency: Optional[str] = None
+    spec: RunSpec, device: torch.device | str, *, pack: bool = True, progress: bool = True, residency: Optional[str] = None,
+    verify: Optional[str] = None,
 ) -> LatentData:
     """Find, split, normalise and place the latents of a run-spec (see the module docstring).
 
     pack=False skips packing a missing or stale shard (other DDP ranks, after
-    rank 0 ran `ensure_shard`). `residency` overrides data.residency (evaluation
-    reads each latent about once: "stream").
+    rank 0 ran `ensure_shard`); it also keeps warnings to rank 0. `residency`
+    overrides data.residency (evaluation reads each latent about once: "stream").
+    verify "once" / "always": check the shard's content checksum before reading
+    it, once per shard file (recorded in the run folder) or every time.
     """
     d, device = spec.data, torch.device(device)
     shard: Optional[Path] = None
     if d.source in ("shard", "demo"):
         shard = ensure_shard(spec, progress) if pack else default_shard_path(spec)
+        if verify is not None:
+            from neuromf.data.record import verify_shard_once
+
+            verify_shard_once(spec.paths.run_dir, shard, force=verify == "always", progress=progress)
         info = read_shard_info(shard)
-        names, shape, dtype, sample_bytes = info.names, info.shape, info.torch_dtype, info.sample_bytes
-        computed = (info.mean, info.std)
+        names, metas, shape, dtype, sample_bytes = info.names, info.metas, info.shape, info.torch_dtype, info.sample_bytes
+        computed, lo, hi = (info.mean, info.std), info.min, info.max
+        if info.metadata_from == "names" and pack:
+            warn(f"{shard}: packed by an older neuromf, without per-latent metadata: subjects are parsed from the "
+                 "names (pack again to keep the sources' subject ids)")
     else:
         scan = scan_latents(d.latent_dir, progress=progress)
         if scan.bad:
             scan.raise_if_bad()
         assert scan.stats is not None and scan.shape is not None
-        names, shape, dtype = scan.names, scan.shape, torch.float32
+        names, metas, shape, dtype = scan.names, scan.metas, scan.shape, torch.float32
         sample_bytes = int(np.prod(shape)) * 4
-        computed = (scan.stats.mean, scan.stats.std)
-        files = {latent_name(p): p for p in scan.good}
+        computed, lo, hi = (scan.stats.mean, scan.stats.std), scan.stats.min, scan.stats.max
+        items = {item.name: item for item in scan.good}
     m = spec.model
     if shape[0] != m.in_channels or tuple(shape[1:]) != tuple(m.spatial_size):
         raise UserError(f"model.spatial_size: the latents are (C, D, H, W) = {list(shape)}, but the model takes "
                         f"{m.in_channels} channels of {list(m.spatial_size)}")
+    check_stats_file(spec, computed[0], computed[1], lo, hi, len(names), say=pack)
     stats = _stats_for(spec, computed, shape[0])
-    train_names, val_names = split_names(names, d.val_fraction, d.split_seed)
+    split = split_subjects(metas, d.val_fraction, d.test_fraction, d.split_seed, d.subject_from)
+    if split.unmatched and pack and d.source != "demo":
+        warn(f"{split.unmatched} of {len(names)} latent names match no subject pattern (data.subject_from); "
+             "each of them is its own subject in the split")
+    train_names, val_names = split.train, split.val
     residency = choose_residency(residency or d.residency, (len(train_names) + len(val_names)) * sample_bytes, device)
 
-    def rows_of(split: list[str]) -> Rows:
+    def lazy_rows(part: list[str]) -> Rows:
         if shard is not None:
             where = {name: i for i, name in enumerate(names)}
-            lazy: Rows = ShardRows(info, np.array([where[s] for s in split], dtype=np.int64))
+            lazy: Rows = ShardRows(info, np.array([where[s] for s in part], dtype=np.int64))
         else:
-            lazy = FolderRows([files[s] for s in split])
+            lazy = FolderRows([items[s] for s in part])
+        return GuardedRows(lazy, part, *computed, where=f" in {shard}" if shard is not None else "")
+
+    def rows_of(part: list[str]) -> Rows:
+        lazy = lazy_rows(part)
         if residency == "stream":
             return lazy
-        whole = load_whole(lazy, len(split), shape, dtype, device if residency == "device" else torch.device("cpu"))
+        whole = load_whole(lazy, len(part), shape, dtype, device if residency == "device" else torch.device("cpu"))
         lazy.close()
         return MemoryRows(whole)
 
     return LatentData(
         train_names=train_names, val_names=val_names, stats=stats.to(device), shape=tuple(shape),  # type: ignore[arg-type]
         residency=residency, device=device, shard=shard, seed=spec.training.seed, flip_lr=d.flip_lr,
-        flip_axis=d.flip_axis, _train=rows_of(train_names), _val=rows_of(val_names),
+        flip_axis=d.flip_axis, test_names=split.test, split=split, _train=rows_of(train_names), _val=rows_of(val_names),
+        _test=lazy_rows(split.test),
     )
+
+
+class FolderRows:
+    """Samples of a split read from their sources on demand (source 'folder'): .pt files or upstream shard slots."""
+
+    def __init__(self, items: list) -> None:
+        self.items = list(items)
+        self._handles: dict = {}
+
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([read_item(self.items[i], self._handles).float() for i in idx.tolist()])
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+def check_run_data(spec: RunSpec, data: LatentData, *, resume: Optional[str]) -> None:
+    """At the start of training (rank 0): write <run_dir>/split.json, refusing a resume (--resume PATH, or auto
+    with checkpoints present) whose split changed."""
+    from neuromf.data.record import record_split, split_record
+
+    folder = spec.paths.run_dir / "checkpoints"
+    resuming = resume is not None and (resume != "auto" or (folder.is_dir() and any(folder.glob("*.pt"))))
+
+    if data.split is not None:
+        d = spec.data
+        record = split_record(data.split, seed=d.split_seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                              subject_from=d.subject_from)
+        record_split(spec.paths.run_dir, record, resuming)

@@ -1,13 +1,17 @@
-"""The HDF5 latent shard: packing a folder of `.pt` latents into one file, and reading it back.
+"""The HDF5 latent shard NeuroMF trains from: its layout and reading it back (packing: pack.py).
 
-Layout (format "neuromf-latents", version 1):
+Layout (format "neuromf-latents", version 2; version 1 lacks the metadata datasets):
 - `latents`: (N, C, D, H, W), chunked one sample per chunk, uncompressed (latents barely compress and
   chunks must read fast). float32 by default; float16; or bfloat16 stored as its raw 16 bits in a
   uint16 dataset (HDF5 has no bfloat16), marked by the `dtype` attribute "bfloat16".
-- `names`: N UTF-8 strings, the file names without `.pt`, sorted.
+- `names`: N UTF-8 strings, the file names without `.pt` (or `{dataset}_{subject}_{session}` of an
+  upstream shard's slot), sorted.
+- `subject`, `session`, `dataset`, `source_path`: N UTF-8 strings each, per-latent metadata (from the
+  sources, else parsed from the name; "" when unknown). A version-1 shard has none: its metadata is
+  parsed from the names on reading.
 - root attributes: `channel_mean/std/min/max` (float64, population std, over the source values of
   all packed latents before any dtype cast), `scale_factor`, `shape` (C, D, H, W), `dtype`, `n`,
-  `source_count` (all .pt files seen), `skipped` (JSON list), `source_sha256` (sorted names and file
+  `source_count` (all latents seen), `skipped` (JSON list), `source_sha256` (sorted names and file
   contents), `source_fingerprint` (names, sizes, mtimes: a cheap first staleness check),
   `content_sha256` (names and stored bytes: equal for equal packs), `complete` (written last).
 
@@ -19,10 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,29 +30,13 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from neuromf import __version__
-from neuromf.atomic import fsync_dir
-from neuromf.data.latents import (
-    LatentFileError,
-    FolderScan,
-    check_stats_file,
-    hash_sources,
-    latent_name,
-    list_latent_files,
-    load_latent_bytes,
-    one_thread,
-    scan_latents,
-    source_fingerprint,
-    stats_file_beside,
-    warn,
-)
+from neuromf.data.meta import META_FIELDS, LatentMeta, parsed_meta
+from neuromf.data.sources import hash_sources, list_source_files, source_fingerprint
 from neuromf.errors import UserError
-from neuromf.spec.schema import MAISI_SCALE_FACTOR
 
 SHARD_FORMAT = "neuromf-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # logical dtype -> (numpy storage dtype, torch dtype in memory)
 STORAGE: dict[str, tuple[type, torch.dtype]] = {
     "float32": (np.float32, torch.float32),
@@ -105,6 +89,8 @@ class ShardInfo:
     source_fingerprint: str
     content_sha256: str
     source_dir: str
+    metas: list[LatentMeta]
+    metadata_from: str  # "shard" (stored) or "names" (a version-1 shard: parsed from the names)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -127,6 +113,9 @@ def read_shard_info(path: Path) -> ShardInfo:
     with f:
         a = f.attrs
         if a.get("format") != SHARD_FORMAT:
+            if "latents" in f and ("written" in f or "dataset_name" in a):
+                raise UserError(f"{path}: an upstream encoder shard, not a NeuroMF shard; pack its folder "
+                                f"(neuromf pack {path.parent} OUT.h5) or set data.latent_dir to {path.parent}")
             raise UserError(f"{path}: not a NeuroMF latent shard (no format attribute {SHARD_FORMAT!r})")
         if not bool(a.get("complete", False)):
             raise UserError(f"{path}: incomplete shard (its packing was interrupted); pack it again")
@@ -140,6 +129,12 @@ def read_shard_info(path: Path) -> ShardInfo:
         if ds.shape != (n, *shape) or f["names"].shape != (n,):
             raise UserError(f"{path}: dataset shapes {ds.shape} / {f['names'].shape} disagree with n={n}, shape={shape}")
         names = [str(s) for s in f["names"].asstr()[()]]
+        if all(key in f and f[key].shape == (n,) for key in META_FIELDS):
+            columns = {key: [str(s) for s in f[key].asstr()[()]] for key in META_FIELDS}
+            metas = [LatentMeta(name, *(columns[key][i] for key in META_FIELDS)) for i, name in enumerate(names)]
+            metadata_from = "shard"
+        else:
+            metas, metadata_from = [parsed_meta(name) for name in names], "names"
         return ShardInfo(
             path=path,
             n=n,
@@ -157,6 +152,8 @@ def read_shard_info(path: Path) -> ShardInfo:
             source_fingerprint=str(a["source_fingerprint"]),
             content_sha256=str(a["content_sha256"]),
             source_dir=str(a["source_dir"]),
+            metas=metas,
+            metadata_from=metadata_from,
         )
 
 
@@ -217,7 +214,7 @@ def shard_freshness(shard: Path, src_dir: Path) -> tuple[bool, str]:
         info = read_shard_info(shard)
     except UserError as e:
         return False, e.problems[0]
-    files = list_latent_files(src_dir)
+    files = list_source_files(src_dir)
     if info.source_fingerprint == source_fingerprint(files):
         return True, "up to date"
     if info.source_sha256 == hash_sources(files, progress=True):  # touched or copied, same contents
@@ -225,145 +222,3 @@ def shard_freshness(shard: Path, src_dir: Path) -> tuple[bool, str]:
     return False, f"the latents in {src_dir} changed since it was packed"
 
 
-# ---------------------------------------------------------------- packing
-
-
-@dataclass
-class PackReport:
-    """What a pack did."""
-
-    info: ShardInfo
-    skipped: list[tuple[Path, str]]
-    seconds: float
-    nbytes: int
-    stats_warnings: list[str]
-
-
-def _temp_name(out: Path) -> Path:
-    return out.parent / f".{out.name}.{socket.gethostname()}.{os.getpid()}.tmp"
-
-
-def _remove_stale_temps(out: Path, max_age_s: float = 3600.0) -> None:
-    """Remove temporaries of earlier packs to `out` that were killed (dead pid on this host, or untouched for an hour)."""
-    host = socket.gethostname()
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
-        parts = tmp.name[len(out.name) + 2 : -len(".tmp")].rsplit(".", 1)
-        dead = False
-        if len(parts) == 2 and parts[0] == host and parts[1].isdigit():
-            try:
-                os.kill(int(parts[1]), 0)
-            except ProcessLookupError:
-                dead = True
-            except PermissionError:
-                pass
-        try:
-            if dead or time.time() - tmp.stat().st_mtime > max_age_s:
-                tmp.unlink()
-        except OSError:
-            pass
-
-
-def pack_latents(
-    src_dir: Path,
-    out: Path,
-    *,
-    dtype: str = "float32",
-    skip_bad: bool = False,
-    scale_factor: float = MAISI_SCALE_FACTOR,
-    stats_file: Optional[Path] = None,
-    progress: bool = True,
-) -> PackReport:
-    """Pack every `.pt` latent in `src_dir` into the shard `out`, atomically.
-
-    Bad files raise one UserError listing them all (nothing is written), unless
-    `skip_bad`, which packs the good ones and lists the others in the report
-    and the shard's `skipped` attribute. `stats_file` (default: latent_stats.json
-    beside the latents) is compared with the computed statistics: a warning on
-    stderr when they disagree.
-    """
-    src_dir, out = Path(src_dir), Path(out)
-    if dtype not in STORAGE:
-        raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(STORAGE)}")
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; give the shard's file name (e.g. {out / 'latents.h5'})")
-    start = time.perf_counter()
-    scan: FolderScan = scan_latents(src_dir, progress=progress)
-    if scan.bad and not skip_bad:
-        scan.raise_if_bad()
-    if not scan.good:
-        scan.raise_if_bad()
-    assert scan.stats is not None and scan.shape is not None
-    stats = scan.stats
-    if dtype == "float16" and max(abs(stats.min.min()), abs(stats.max.max())) > FLOAT16_MAX:
-        raise UserError(f"{src_dir}: values up to {max(abs(stats.min.min()), abs(stats.max.max())):.6g} overflow float16 "
-                        "(max 65504); use --dtype bfloat16 or float32")
-    if dtype == "float32" and scan.dtypes.get("float64"):
-        warn(f"{scan.dtypes['float64']} latents in {src_dir} are float64; they are stored as float32")
-    stats_warnings = check_stats_file(stats_file or stats_file_beside(src_dir), stats)
-
-    n, shape = len(scan.good), scan.shape
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create its folder ({' '.join(str(e).split())})") from None
-    _remove_stale_temps(out)
-    tmp = _temp_name(out)
-    content = _content_hash(n, shape, dtype)
-    try:
-        with one_thread(), open_h5(tmp, "w") as f:
-            ds = f.create_dataset(
-                "latents", shape=(n, *shape), dtype=STORAGE[dtype][0], chunks=(1, *shape), track_times=False
-            )
-            ds.attrs["dtype"] = dtype
-            names = scan.names
-            f.create_dataset("names", data=np.array(names, dtype=object), dtype=h5py.string_dtype("utf-8"), track_times=False)
-            for i, p in enumerate(tqdm(scan.good, desc=f"packing {out.name}", unit="latent", disable=not progress,
-                                       file=sys.stderr, mininterval=0.5)):
-                data = p.read_bytes()
-                if hashlib.sha256(data).hexdigest() != scan.file_hashes[p.name]:
-                    raise LatentFileError(p, "changed while packing; pack again")
-                arr = to_storage(load_latent_bytes(data, p), dtype)
-                ds[i] = arr
-                content.update(names[i].encode("utf-8") + b"\0")
-                content.update(arr.tobytes())
-            a = f.attrs
-            a["format"] = SHARD_FORMAT
-            a["format_version"] = FORMAT_VERSION
-            a["n"] = n
-            a["shape"] = np.asarray(shape, np.int64)
-            a["dtype"] = dtype
-            a["channel_mean"] = stats.mean
-            a["channel_std"] = stats.std
-            a["channel_min"] = stats.min
-            a["channel_max"] = stats.max
-            a["stats_note"] = "float64 over all packed latents' source values (before any dtype cast); population std"
-            a["scale_factor"] = float(scale_factor)
-            a["source_count"] = len(scan.files)
-            a["source_dir"] = str(src_dir.resolve())
-            a["skipped"] = json.dumps([[latent_name(p), reason] for p, reason in scan.bad])
-            a["source_sha256"] = scan.source_sha256
-            a["source_fingerprint"] = scan.fingerprint
-            a["content_sha256"] = content.hexdigest()
-            a["created_by"] = f"neuromf {__version__}"
-            a["complete"] = True  # last: a file without it was interrupted
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # no space, no permission, ...: the user's to fix
-            raise UserError(f"{out}: cannot write the shard ({' '.join(str(e).split())[:160]})") from None
-        raise
-    info = read_shard_info(out)
-    return PackReport(info, scan.bad, time.perf_counter() - start, out.stat().st_size, stats_warnings)
-
-
-def format_skipped(skipped: Sequence[tuple[Path, str]]) -> str:
-    """A plain-text table of skipped files and why."""
-    if not skipped:
-        return ""
-    width = max(len("file"), *(len(Path(p).name) for p, _ in skipped))
-    lines = [f"{'file':<{width}}  reason", f"{'-' * width}  {'-' * 6}"]
-    lines += [f"{Path(p).name:<{width}}  {reason}" for p, reason in skipped]
-    return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -76,3 +77,57 @@ class LatentStats:
 
     def __repr__(self) -> str:
         return f"LatentStats(mean={[round(v, 4) for v in self.mean.tolist()]}, std={[round(v, 4) for v in self.std.tolist()]})"
+
+
+# ---------------------------------------------------------------- latent_stats.json against the data
+
+WARN_RTOL = 0.02  # warn when a value of latent_stats.json is off by more than 2 % of the channel std
+REFUSE_RTOL = 0.10  # data.stats 'file': refuse when its mean or std is off by more than 10 % of the channel std
+
+
+def _extras(path: Path) -> tuple[dict[str, list[Optional[float]]], Optional[int]]:
+    """Per-channel min and max (None where absent) and n_files of latent_stats.json, when it has them."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}, None
+    per = raw.get("per_channel") if isinstance(raw, dict) else None
+    out: dict[str, list[Optional[float]]] = {"min": [], "max": []}
+    for c in range(len(per) if isinstance(per, dict) else 0):
+        entry = per.get(f"channel_{c}") or {}
+        for key in out:
+            try:
+                out[key].append(float(entry[key]))
+            except (KeyError, TypeError, ValueError):
+                out[key].append(None)
+    n_files = raw.get("n_files") if isinstance(raw, dict) else None
+    return out, n_files if isinstance(n_files, int) and not isinstance(n_files, bool) else None
+
+
+def compare_stats_file(
+    path: Path, mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_latents: Optional[int] = None
+) -> tuple[list[str], list[str]]:
+    """(every disagreement beyond WARN_RTOL, the mean/std ones beyond REFUSE_RTOL) between latent_stats.json
+    (mean, std, min, max, n_files) and the statistics of the data. Off-ness is measured in units of the data's
+    channel std; each line names the channel, the field and both values."""
+    file_mean, file_std = read_stats_json(path)
+    if len(file_mean) != len(mean):
+        line = f"it has {len(file_mean)} channels, the latents have {len(mean)}"
+        return [line], [line]
+    extras, n_files = _extras(path)
+    warnings, refusals = [], []
+    for c in range(len(mean)):
+        fields = [("mean", file_mean[c], mean[c]), ("std", file_std[c], std[c])]
+        fields += [(key, extras[key][c], value) for key, value in (("min", lo[c]), ("max", hi[c]))
+                   if c < len(extras.get(key, [])) and extras[key][c] is not None]
+        for key, in_file, in_data in fields:
+            off = abs(in_file - in_data) / std[c]
+            if off > WARN_RTOL:
+                line = (f"channel_{c} {key}: file {in_file:.6g}, data {in_data:.6g} "
+                        f"(off by {100 * off:.1f} % of the channel std; tolerance {100 * WARN_RTOL:.0f} %)")
+                warnings.append(line)
+                if key in ("mean", "std") and off > REFUSE_RTOL:
+                    refusals.append(line)
+    if n_files is not None and n_latents is not None and n_files != n_latents:
+        warnings.append(f"n_files: file {n_files}, data {n_latents} latents")
+    return warnings, refusals

@@ -14,7 +14,7 @@ mean, std, skewness and kurtosis of the de-normalised samples against
 training latents (for the verification test P4-T7, docs/design.md, 'Verification tests') with a histogram PNG, and the mean pairwise distance
 of the samples against that of real latents (mode collapse shows as a ratio
 well below 1). "reference_floor" is the same FD/MMD between N training and N
-validation latents: what a perfect model would score at this N.
+held-out (test or validation) latents: what a perfect model would score at this N.
 """
 
 from __future__ import annotations
@@ -134,6 +134,11 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
                 f"--n {n}: larger than possible; the {split_name} split has {have} latents to compare with "
                 "(FD and MMD compare sets of equal size)" + ("; use a smaller --n or --reference train" if which != "train" else "")
             )
+        if options.progress:
+            if options.reference == "auto" and which == "val" and data.test_names:
+                print(f"reference: the test split has {len(data.test_names)} latent(s), too few; using the validation split",
+                      file=sys.stderr, flush=True)
+            print(f"reference: {n} latents of the {split_name} split", file=sys.stderr, flush=True)
         if n < 2:
             raise UserError(f"--n {n}: FD and MMD need at least 2 samples (the reference split has {have})")
         stats = data.stats.to("cpu")

@@ -26,8 +26,9 @@ COMPARABLE = {"pooled": False, "medicalnet3d": True, "radimagenet2p5d": True}
 
 
 def held_out_split(data: Any) -> str:
-    """The reference split of an evaluation: the test split when the data has one, else validation."""
-    return "test" if getattr(data, "test_names", None) else "val"
+    """The reference split of an evaluation: the held-out test subjects when the data has at least 2 of their
+    latents, else validation (which also chose best.pt, so it is not held out from checkpoint selection)."""
+    return "test" if len(getattr(data, "test_names", None) or []) >= 2 or not data.val_names else "val"
 
 
 @dataclass

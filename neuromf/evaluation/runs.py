@@ -188,7 +188,7 @@ def latent_stats_for(loaded: LoadedCheckpoint) -> Any:
         info = read_shard_info(shard if shard.exists() else ensure_shard(spec))
         stats = LatentStats(info.mean, info.std)
     else:  # source 'folder' with statistics computed from the files: the same scan the trainer did
-        from neuromf.data.latents import scan_latents
+        from neuromf.data.scan import scan_latents
 
         scan = scan_latents(d.latent_dir)
         if scan.stats is None:

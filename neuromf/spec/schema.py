@@ -243,15 +243,27 @@ class DataSpec(Section):
         description="shard: the HDF5 shard (packed from latent_dir when missing or stale); folder: read the .pt files "
         "directly; demo: build the embedded demo set into the run folder if absent, then use it as a shard.",
     )
-    latent_dir: Optional[Path] = Field(None, description="Folder of .pt latents.")
+    latent_dir: Optional[Path] = Field(
+        None, description="Folder of latents: .pt files, the upstream encoder's per-dataset .h5 shards, or both."
+    )
     shard: Optional[Path] = Field(None, description="HDF5 shard (default: <run_dir>/data/latents.h5).")
     stats: Literal["shard", "file"] = Field(
         "shard", description="Normalisation statistics from the shard's attributes or from latent_stats.json."
     )
     stats_file: Optional[Path] = Field(None, description="latent_stats.json (default: <latent_dir>/latent_stats.json).")
+    stats_mismatch: Literal["refuse", "warn"] = Field(
+        "refuse", description="With stats 'file': refuse to train when latent_stats.json's mean or std is off by more "
+        "than 10 % of the data's channel std (warn: train anyway). Smaller disagreements (> 2 %) are always warned."
+    )
     normalise: bool = True
-    val_fraction: float = Field(0.10, ge=0, lt=1)
+    val_fraction: float = Field(0.10, ge=0, lt=1, description="Share of subjects (not files) held out for validation.")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of subjects held out for testing (neuromf evaluate).")
     split_seed: int = 42
+    subject_from: str = Field(
+        "metadata", description="The subject key of the split: 'metadata' (the sources' subject ids; names without "
+        "them are parsed as {dataset}_{subject}_{session}) or a regular expression on the latent name with a "
+        "(?P<subject>...) group (and optionally (?P<dataset>...)). Names that match nothing are their own subject."
+    )
     residency: Literal["auto", "device", "host", "stream"] = Field(
         "auto", description="Where the training set lives: on the GPU, in host memory, or streamed from the shard."
     )
@@ -267,6 +279,18 @@ class DataSpec(Section):
             raise ValueError("latent_dir: required when source is 'folder'")
         if self.source == "shard" and self.latent_dir is None and self.shard is None:
             raise ValueError("shard: source 'shard' needs shard or latent_dir (to pack the shard from)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"test_fraction: val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
+                             "leaves no training subjects (must be < 1)")
+        if self.subject_from != "metadata":
+            import re
+
+            try:
+                rx = re.compile(self.subject_from)
+            except re.error as e:
+                raise ValueError(f"subject_from: not a regular expression ({e})") from None
+            if "subject" not in rx.groupindex:
+                raise ValueError("subject_from: the regular expression needs a (?P<subject>...) group")
         return self
 
 

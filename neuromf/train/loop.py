@@ -88,8 +88,8 @@ class _SilentLog:
 class Trainer:
     """Holds the run's objects; `run()` is the loop. Split into methods only where a step has a name."""
 
-    def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> None:
-        from neuromf.data.loader import prepare_data
+    def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, verify_data: bool = False) -> None:
+        from neuromf.data.loader import check_run_data, prepare_data
         from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.meanflow.time_sampler import num_flow_matching
         from neuromf.model.unet import build_network, set_gradient_checkpointing
@@ -108,7 +108,11 @@ class Trainer:
         if found is not None:
             check_compatible(spec, *found)
         with self.dist.main_first("preparing the data"):  # rank 0 packs the shard; the others only read it
-            self.data = prepare_data(spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main)
+            # rank 0 checks the shard's checksum once per shard file (every time with --verify-data) before reading it
+            verify = ("always" if verify_data else "once") if self.dist.is_main and not dry_run else None
+            self.data = prepare_data(spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main, verify=verify)
+            if self.dist.is_main and not dry_run:  # writes split.json; refuses a resume whose split changed
+                check_run_data(spec, self.data, resume=resume)
         # training.batch_size is the GLOBAL batch: each rank takes its block of batch_size / world_size.
         self.batches = self.data.train_batches(spec.training.batch_size // world, rank=rank, world_size=world)
         self.micro_batch = spec.training.batch_size // (world * spec.training.accumulate_grad_batches)
@@ -377,9 +381,9 @@ class Trainer:
         self.log.log_images(self.progress.global_step, epoch, {p.name.removesuffix("_grid.png"): p for p in sorted(folder.glob("*_grid.png"))})
 
 
-def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False) -> int:
+def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, verify_data: bool = False) -> int:
     """Train (one process, or one rank of a torchrun/srun launch); the exit code of `neuromf train`."""
-    trainer = Trainer(spec, resume=resume, dry_run=dry_run)
+    trainer = Trainer(spec, resume=resume, dry_run=dry_run, verify_data=verify_data)
     try:
         code = trainer.run()
     except TrainingDiverged as e:
