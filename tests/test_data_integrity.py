@@ -95,19 +95,24 @@ def test_split_json_written_and_a_changed_split_refuses_resume(tmp_path: Path, l
     before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").glob("*.pt")}
     # the same split: resumes (nothing to do after the end)
     assert main(["train", str(spec), "--resume", "auto"]) == 0
-    # another val_fraction moves subjects: refused, saying what moved, nothing changed on disk
-    spec = _spec(tmp_path, lat, val_fraction=0.4)
+    # another test_fraction moves subjects: refused, saying what moved, nothing changed on disk
+    spec = _spec(tmp_path, lat, test_fraction=0.4)
     capsys.readouterr()
     assert main(["train", str(spec), "--resume", "auto"]) == 2
     line = _one_line(capsys)
-    assert "split.json: the data split differs" in line and "moved (" in line and "-> val" in line
+    assert "split.json: the data split differs" in line and "moved (" in line and "-> test" in line
+    # another val_fraction: refused from the checkpoint's data section, before any data is built
+    assert main(["train", str(_spec(tmp_path, lat, val_fraction=0.4)), "--resume", "auto"]) == 2
+    assert "data.val_fraction = 0.2, now 0.4" in _one_line(capsys)
     assert json.loads(record_path.read_text()) == record
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").glob("*.pt")} == before
     # new subjects in the latent folder: refused too ("new")
     write_longitudinal(lat, longitudinal_metas({"PT007_NEW": 2}, seed=5), SHAPE)
     assert main(["train", str(_spec(tmp_path, lat)), "--resume", "auto"]) == 2
-    err = capsys.readouterr().err  # the shard is repacked first (progress bars), then the resume is refused
-    assert "new (PT007_NEW_sub_000_ses_1" in err.strip().splitlines()[-1] and "Traceback" not in err
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    # refused before repacking when the training set changes, else by split.json (new subjects in val/test only)
+    assert ("not the training set" in last or "new (PT007_NEW_sub_000_ses_1" in last) and "Traceback" not in err
 
 
 def test_evaluate_uses_the_test_split_by_default_and_says_so(tmp_path: Path, lat: Path,
@@ -121,7 +126,7 @@ def test_evaluate_uses_the_test_split_by_default_and_says_so(tmp_path: Path, lat
     assert main(["evaluate", str(tmp_path / "run"), "--nfe", "1", "--n", "2", "--device", "cpu", "--no-progress",
                  "--json", str(out_json), "--out", str(tmp_path / "ev")]) == 0
     assert json.loads(out_json.read_text())["reference"] == "test"
-    assert "vs test latents" in capsys.readouterr().out
+    assert "vs test split" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- shard checksum and absurd values

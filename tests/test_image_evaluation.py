@@ -32,7 +32,9 @@ def _evaluate(args: list[str], out: Path, capsys: pytest.CaptureFixture) -> tupl
 
 
 def test_held_out_split_prefers_test() -> None:
-    assert held_out_split(SimpleNamespace(val_names=["a"], test_names=["b"])) == "test"
+    assert held_out_split(SimpleNamespace(val_names=["a"], test_names=["b", "c"])) == "test"
+    assert held_out_split(SimpleNamespace(val_names=["a"], test_names=["b"])) == "val"  # one latent: no FD/MMD
+    assert held_out_split(SimpleNamespace(val_names=[], test_names=["b"])) == "test"
     assert held_out_split(SimpleNamespace(val_names=["a"], test_names=[])) == "val"
     assert held_out_split(SimpleNamespace(val_names=["a"])) == "val"
 

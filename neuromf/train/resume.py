@@ -99,17 +99,15 @@ def _check_latent_folder(spec: RunSpec, path: Path, state: dict[str, Any]) -> No
     """Refuse before repacking when the latent folder now holds another set of names than the checkpoint's."""
     from neuromf.data.batches import names_digest
     from neuromf.data.loader import default_shard_path
+    from neuromf.data.scan import folder_metas
     from neuromf.data.shard import read_shard_info
-    from neuromf.data.latents import latent_name, list_latent_files, source_fingerprint
-    from neuromf.data.split import split_names
+    from neuromf.data.sources import list_source_files, source_fingerprint
+    from neuromf.data.split import split_subjects
 
     d = spec.data
     if d.source != "shard" or d.latent_dir is None or not d.latent_dir.is_dir():
         return
-    files = list_latent_files(d.latent_dir)
-    train, _ = split_names([latent_name(p) for p in files], d.val_fraction, d.split_seed)
-    if names_digest(train) == state["data_state"].get("names"):
-        return
+    files = list_source_files(d.latent_dir)
     shard = default_shard_path(spec)
     if shard.exists():
         try:
@@ -117,5 +115,9 @@ def _check_latent_folder(spec: RunSpec, path: Path, state: dict[str, Any]) -> No
                 return  # the shard is current: it will not be repacked (the names it holds are checked later)
         except UserError:
             pass
+    # The shard would be (re)packed: only if the training set stays the same (this reads each file's metadata).
+    split = split_subjects(folder_metas(d.latent_dir), d.val_fraction, d.test_fraction, d.split_seed, d.subject_from)
+    if names_digest(split.train) == state["data_state"].get("names"):
+        return
     raise UserError(f"--resume: the latents in {d.latent_dir} ({len(files)} files) are not the training set {path} "
                     "was trained on; repacking would replace it: start a new paths.run_dir (nothing was changed)")
