@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("neuromf.cli.evaluate", "compare generated samples with held-out latents"),
     "verify": ("neuromf.cli.verify", "write the P4-T1..T8 verification report of a run"),
     "bench": ("neuromf.cli.bench", "time and measure training steps (speed, memory, FLOPs, MFU)"),
+    "doctor": ("neuromf.cli.doctor", "check that this machine can run a run-spec (numerics, compile, memory, speed)"),
 }
 
 
