@@ -108,3 +108,15 @@ def test_missing_data_fails_and_bad_input_exits_2(tmp_path: Path) -> None:
     bad = _cli("doctor", str(DEMO), "--only", "memroy", "--set", f"paths.run_dir={tmp_path / 'r'}")
     assert bad.returncode == 2 and "--only: unknown check memroy" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "r").exists()  # refused: nothing written
+
+
+def test_validate_check_device_runs_the_doctor(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    sets = sum((["--set", s] for s in [*TINY, f"paths.run_dir={tmp_path / 'run'}", "training.compile=true"]), [])
+    res = _cli("validate", str(DEMO), *sets, "--check-device", env={"PATH": str(empty), "CC": "", "CXX": ""})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "PASS jvp: " in res.stdout and "PASS memory: " in res.stdout
+    assert "FAIL toolchain: " in res.stderr and "FAIL compiled_step: " in res.stderr and "Traceback" not in res.stderr
+    report = json.loads((tmp_path / "run" / "doctor.json").read_text())
+    assert report["ok"] is False and {c["name"] for c in report["checks"] if c["status"] == "FAIL"} == {"toolchain", "compiled_step"}

@@ -113,7 +113,8 @@ def format_table(out: dict[str, Any]) -> str:
         f"neuromf bench: {out['spec']} on {dev['type']} ({where}); torch {ver['torch']}, monai {ver['monai']}; {out['date']}",
         f"batch {st['batch_size']} (micro-batch {st['micro_batch_size']}) of {shape}, {st['parameters'] / 1e6:.2f} M parameters, "
         f"{st['precision']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'}, "
-        f"channels_last {'on' if st['channels_last'] else 'off'}, data {st['residency']}; "
+        f"channels_last {'on' if st['channels_last'] else 'off'}, compile mode {st.get('compile_mode', 'default')}, "
+        f"data {st['residency']}; "
         f"{st['steps']} timed steps after {st['warmup'] + 1} untimed{', interleaved' if st.get('interleave') else ''}",
         "",
     ]

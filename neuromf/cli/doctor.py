@@ -21,12 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def doctor_lines(spec, json_out, only=None) -> tuple[bool, list[str]]:  # type: ignore[no-untyped-def]
-    """Run the doctor, print each line as it comes, write the report; return (no FAIL, the FAIL lines)."""
+    """Run the doctor, print each line as it comes, write the report (unless `json_out` is None);
+    return (no FAIL, the FAIL lines)."""
     from neuromf.doctor import report_header, run_doctor, write_report
 
     header = report_header(spec)
     results = run_doctor(spec, only, on_result=lambda r: print(r.line(), flush=True))
-    write_report(json_out, header, results)
+    if json_out is not None:
+        write_report(json_out, header, results)
     failed = [r.line() for r in results if r.ok is False]
     return not failed, failed
 
