@@ -51,7 +51,7 @@ def step_peak(ctx: DoctorContext, n: int, checkpointing: bool) -> dict[str, int]
         train_step(ctx.loss, ctx.loss.compute, net, batch, g, optimizer, spec, ctx.dtype)  # optimizer state now exists
         meter = MemoryMeter(ctx.device)
         meter.start()
-        before = meter._before
+        before = meter.in_use_at_start
         train_step(ctx.loss, ctx.loss.compute, net, batch, g, optimizer, spec, ctx.dtype)
         peak = meter.stop()["peak_step_bytes"]
     finally:
