@@ -72,6 +72,7 @@ def test_predecessor_loss_and_gradients_equal_its_formula() -> None:
     assert abs(float(other) - float(ref)) > 0.1 * abs(float(ref))
 
 
+@pytest.mark.slow
 def test_bench_reports_ratios_against_the_predecessor(tmp_path: Path) -> None:
     spec = load_runspec(DEMO, [*TWO_LEVELS_SET, f"paths.run_dir={tmp_path}", "training.batch_size=4"])
     opts = BenchOptions(steps=1, warmup=0, variants=["predecessor", "naive", "eager"], data="synthetic", interleave=True,
