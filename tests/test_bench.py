@@ -109,11 +109,11 @@ def _tiny_spec(tmp_path: Path, *extra: str) -> Any:
     return load_runspec(DEMO, [*TINY_16, f"paths.run_dir={tmp_path}", "training.batch_size=4", *extra])
 
 
-def test_compare_runs_five_variants_and_the_fold_ab_is_asked_for_by_name(tmp_path: Path) -> None:
+def test_compare_runs_six_variants_and_the_fold_ab_is_asked_for_by_name(tmp_path: Path) -> None:
     from neuromf.bench import VARIANTS, default_variants
 
     spec = _tiny_spec(tmp_path)
-    assert default_variants(spec, compare=True) == ["naive", "eager", "compiled", "fm", "fm_compiled"]
+    assert default_variants(spec, compare=True) == ["predecessor", "naive", "eager", "compiled", "fm", "fm_compiled"]
     assert default_variants(spec, compare=False) == ["eager"]  # the demo trains eagerly (training.compile: false)
     nofold = VARIANTS["compiled_nofold"]  # the fold's A/B: our compiled step, never folded
     assert (nofold.math, nofold.compiled, nofold.fold) == ("imf", True, False) and VARIANTS["compiled"].fold

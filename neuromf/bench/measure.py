@@ -196,6 +196,11 @@ class MemoryMeter:
         except OSError:
             return False
 
+    @property
+    def in_use_at_start(self) -> int:
+        """Bytes in use at start() (GPU: allocated; CPU: resident set; 0 where the RSS peak cannot be reset)."""
+        return self._before
+
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

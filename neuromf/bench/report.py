@@ -13,6 +13,11 @@ __all__ = ["format_table", "ratios_and_targets", "write_json"]
 
 # (key, numerator, denominator, measure): time ratios are step-time medians, memory ratios peak step memory.
 RATIOS: list[tuple[str, str, str, str]] = [
+    ("speedup_compiled_vs_predecessor", "predecessor", "compiled", "time"),
+    ("speedup_eager_vs_predecessor", "predecessor", "eager", "time"),
+    ("memory_compiled_vs_predecessor", "compiled", "predecessor", "memory"),
+    ("memory_eager_vs_predecessor", "eager", "predecessor", "memory"),
+    ("cost_naive_vs_predecessor", "naive", "predecessor", "time"),
     ("speedup_compiled_vs_naive", "naive", "compiled", "time"),
     ("speedup_eager_vs_naive", "naive", "eager", "time"),
     ("speedup_compiled_vs_eager", "eager", "compiled", "time"),
@@ -26,6 +31,8 @@ RATIOS: list[tuple[str, str, str, str]] = [
 
 # The issue's targets. (key, label, threshold, "min" | "max"): met when value >= / <= threshold.
 COMPARE_TARGETS: list[tuple[str, str, float, str]] = [
+    ("speedup_compiled_vs_predecessor", "compiled step >= 1.5x faster than the predecessor's step", 1.5, "min"),
+    ("memory_compiled_vs_predecessor", "compiled step <= 0.6x the predecessor step's peak memory", 0.6, "max"),
     ("speedup_compiled_vs_naive", "compiled step >= 2x faster than the naive reference", 2.0, "min"),
     ("memory_compiled_vs_naive", "compiled step <= 0.6x the naive reference's peak memory", 0.6, "max"),
     ("cost_eager_vs_fm", "our step <= 2.5x the flow-matching step (both eager)", 2.5, "max"),
@@ -106,7 +113,8 @@ def format_table(out: dict[str, Any]) -> str:
         f"neuromf bench: {out['spec']} on {dev['type']} ({where}); torch {ver['torch']}, monai {ver['monai']}; {out['date']}",
         f"batch {st['batch_size']} (micro-batch {st['micro_batch_size']}) of {shape}, {st['parameters'] / 1e6:.2f} M parameters, "
         f"{st['precision']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'}, "
-        f"channels_last {'on' if st['channels_last'] else 'off'}, data {st['residency']}; "
+        f"channels_last {'on' if st['channels_last'] else 'off'}, compile mode {st.get('compile_mode', 'default')}, "
+        f"data {st['residency']}; "
         f"{st['steps']} timed steps after {st['warmup'] + 1} untimed{', interleaved' if st.get('interleave') else ''}",
         "",
     ]

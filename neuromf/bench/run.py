@@ -6,7 +6,8 @@ batches (a fresh batch iterator of the same data order) and the same noise and
 times (a generator reseeded with training.seed); only the loss function and its
 compilation differ:
 
-    naive        the predecessor's step: whole-batch graph-building torch.func.jvp, eager
+    predecessor  the predecessor's actual step: no-grad v_tilde, whole-batch graph-building JVP, L_MF only, eager
+    naive        the textbook step: whole-batch graph-building torch.func.jvp, L_FM + L_MF, eager
     eager        our iMF step: no-grad JVP on the r != t rows, two gradient passes, eager
     compiled     the same step, torch.compile'd (what `neuromf train` runs with training.compile)
     fm           plain flow matching with the same network: the floor of any step, eager
@@ -28,6 +29,7 @@ other variants' weights and optimizer states (its per-step peaks do not).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from neuromf.bench.measure import count_flops, describe_device, peak_flops, versions
+from neuromf.bench.predecessor import PredecessorOptions, predecessor_imf_loss
 from neuromf.bench.variant import COMPARE_VARIANTS, check_variant_names, run_variants
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
@@ -58,6 +61,8 @@ class BenchOptions:
     epoch_latents: Optional[int] = None  # for the projection; default: the train split (synthetic: 1080)
     interleave: bool = False  # time the variants one step each in turn (fair on a busy shared machine)
     profile: int = 0  # > 0: profile one more step per variant and keep its `profile` top ops by self time
+    predecessor: PredecessorOptions = field(default_factory=PredecessorOptions)  # the predecessor variant's settings
+    compile_mode: Optional[str] = None  # None: training.compile_mode
     on_variant: Optional[Callable[[str, dict[str, Any]], None]] = field(default=None, repr=False)  # progress hook
 
 
@@ -126,7 +131,13 @@ class BenchSetup:
             "naive": functools.partial(naive_imf_loss, **bound),
             "imf": self.loss.compute,
             "fm": functools.partial(flow_matching_loss, **bound),
+            "predecessor": functools.partial(predecessor_imf_loss, **bound, norm_eps=options.predecessor.norm_eps),
         }
+        # (t, r) of the predecessor variant: its own r = t fraction when one is given
+        proportion = options.predecessor.data_proportion
+        self.draw_loss = {"predecessor": self.loss if proportion is None else MeanFlowLoss(
+            spec.meanflow, spec.time_sampling.model_copy(update={"data_proportion": proportion}),
+            spec.model.prediction_type, check_finite=False)}
         self.flops: dict[str, int] = {}
 
     def forward_flops_per_latent(self) -> Optional[int]:
@@ -187,7 +198,8 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
             "num_res_blocks": spec.model.num_res_blocks, "parameters": b.parameters, "precision": tr.precision,
             "gradient_checkpointing": tr.gradient_checkpointing, "channels_last": options.channels_last,
             "steps": options.steps, "warmup": options.warmup, "interleave": options.interleave, "data": options.data,
-            "profile": options.profile,
+            "profile": options.profile, "compile_mode": options.compile_mode or tr.compile_mode,
+            "predecessor": dataclasses.asdict(options.predecessor),
             "residency": b.residency,
             "torch_threads": torch.get_num_threads(),
         },

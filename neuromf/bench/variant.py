@@ -28,13 +28,15 @@ class Variant:
     """What a bench variant runs: which loss maths, compiled or not, with the zero-tangent fold or not."""
 
     description: str
-    math: str  # "naive", "imf" or "fm" (BenchSetup.math)
+    math: str  # "predecessor", "naive", "imf" or "fm" (BenchSetup.math)
     compiled: bool = False
     fold: bool = True  # with compiled: training.fold_zero_tangents applies (False: never fold)
 
 
 VARIANTS: dict[str, Variant] = {
-    "naive": Variant("naive iMF reference: whole-batch graph-building torch.func.jvp, eager", "naive"),
+    "predecessor": Variant("the predecessor's step: no-grad v_tilde, whole-batch graph-building JVP, L_MF only, eager",
+                           "predecessor"),
+    "naive": Variant("naive iMF reference: whole-batch graph-building torch.func.jvp, L_FM + L_MF, eager", "naive"),
     "eager": Variant("our iMF step: no-grad JVP on the r != t rows + two gradient passes, eager", "imf"),
     "compiled": Variant("our iMF step, torch.compile", "imf", compiled=True),
     "fm": Variant("plain flow-matching step of the same network (the floor), eager", "fm"),
@@ -42,7 +44,7 @@ VARIANTS: dict[str, Variant] = {
     "compiled_nofold": Variant("our iMF step, torch.compile without the zero-tangent fold (A/B of training.fold_zero_tangents)",
                                "imf", compiled=True, fold=False),
 }
-COMPARE_VARIANTS = ["naive", "eager", "compiled", "fm", "fm_compiled"]  # --compare
+COMPARE_VARIANTS = ["predecessor", "naive", "eager", "compiled", "fm", "fm_compiled"]  # --compare
 
 
 def check_variant_names(names: list[str]) -> None:
@@ -88,8 +90,8 @@ class VariantRun:
         spec, opt = b.spec, b.options
         variant = VARIANTS[name]
         self.math_kind, compiled = variant.math, variant.compiled
-        # Checkpointing inside the naive step's graph-building JVP raises; it is the gradient passes' option.
-        ckpt = spec.training.gradient_checkpointing and name != "naive"
+        # Checkpointing inside a graph-building JVP (naive, predecessor) raises; it is the gradient passes' option.
+        ckpt = spec.training.gradient_checkpointing and variant.math not in ("naive", "predecessor")
         self.result: dict[str, Any] = {"name": name, "description": variant.description, "compiled": compiled,
                                        "gradient_checkpointing": ckpt, "channels_last": opt.channels_last, "error": None}
         self.waits: list[float] = []
@@ -108,7 +110,10 @@ class VariantRun:
             self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, b.device)
             self.eager_fn = b.math[self.math_kind]
             fold = spec.training.fold_zero_tangents and variant.fold
-            self.compute = compile_loss(self.eager_fn, fold) if compiled else self.eager_fn
+            mode = opt.compile_mode or spec.training.compile_mode
+            self.result["compile_mode"] = mode if compiled else None
+            self.compute = compile_loss(self.eager_fn, fold, mode) if compiled else self.eager_fn
+            self.draw_loss = b.draw_loss.get(self.math_kind, b.loss)
             self.batches = b.make_batches()
             self.generator = torch.Generator(b.device).manual_seed(spec.training.seed)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for the weights: report it
@@ -127,7 +132,7 @@ class VariantRun:
 
         if self.b.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        applied, metrics = train_step(self.b.loss, fn or self.compute, self.net, batch, self.generator, self.optimizer,
+        applied, metrics = train_step(self.draw_loss, fn or self.compute, self.net, batch, self.generator, self.optimizer,
                                       self.b.spec, self.b.dtype)
         self.last["applied"], self.last["metrics"] = applied, metrics
 

@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("neuromf.cli.evaluate", "compare generated samples with held-out latents"),
     "verify": ("neuromf.cli.verify", "check a run: the eight verification tests P4-T1..P4-T8 of docs/design.md, as a report"),
     "bench": ("neuromf.cli.bench", "time and measure training steps (speed, memory, FLOPs, MFU)"),
+    "doctor": ("neuromf.cli.doctor", "check that this machine can run a run-spec (numerics, compile, memory, speed)"),
 }
 
 

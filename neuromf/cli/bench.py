@@ -2,8 +2,9 @@
 
 Without --compare it runs the step `neuromf train` would run (compiled when
 training.compile). With --compare it runs, on the same network and inputs: the
-naive reference, our step eager and compiled, and the flow-matching floor eager
-and compiled; then prints the ratios and the issue's targets.
+predecessor's step, the naive reference, our step eager and compiled, and the
+flow-matching floor eager and compiled; then prints the ratios and the targets.
+GPU levers: --compile-mode (reduce-overhead: CUDA graphs), --channels-last, --checkpointing.
 """
 
 from __future__ import annotations
@@ -22,15 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch", type=int, default=None, metavar="M",
                         help="latents per micro-batch; B/M micro-batches accumulate into one step (default: B, or the spec's)")
     parser.add_argument("--compare", action="store_true",
-                        help="run naive, eager, compiled, fm, fm_compiled on the same inputs and print ratios")
+                        help="run predecessor, naive, eager, compiled, fm, fm_compiled on the same inputs and print ratios")
     parser.add_argument("--variants", default=None, metavar="V1,V2",
-                        help="comma-separated subset of naive,eager,compiled,fm,fm_compiled,compiled_nofold (overrides --compare)")
+                        help="comma-separated subset of predecessor,naive,eager,compiled,fm,fm_compiled,compiled_nofold (overrides --compare)")
     parser.add_argument("--interleave", action="store_true",
                         help="time the variants one step each in turn (fair comparisons on a busy, shared machine)")
     parser.add_argument("--data", choices=["spec", "synthetic"], default="spec",
                         help="spec: the run-spec's data through the trainer's loader (default); "
                         "synthetic: random latents already on the device (no data needed)")
     parser.add_argument("--channels-last", action="store_true", help="network and batches in channels_last_3d memory format")
+    parser.add_argument("--checkpointing", choices=["on", "off"], default=None,
+                        help="activation checkpointing of the gradient passes (default: training.gradient_checkpointing)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                        help="torch.compile mode of the compiled variants (default: training.compile_mode); "
+                        "reduce-overhead: CUDA graphs")
+    parser.add_argument("--predecessor-norm-eps", type=float, default=1.0, metavar="E",
+                        help="norm_eps of the predecessor variant's adaptive weight (default 1.0, its setting)")
+    parser.add_argument("--predecessor-data-proportion", default="0.5", metavar="P",
+                        help="fraction of the predecessor variant's batch with r = t (default 0.5, its setting; "
+                        "'spec': time_sampling.data_proportion, the other variants' times)")
     parser.add_argument("--peak-tflops", type=float, default=None, metavar="T",
                         help="the device's peak TFLOP/s for MFU (default: the built-in A100/H100/H200 table)")
     parser.add_argument("--epoch-latents", type=int, default=None, metavar="N",
@@ -55,6 +66,23 @@ def _batch_overrides(args: argparse.Namespace) -> list[str]:
     return [f"training.batch_size={batch}", f"training.accumulate_grad_batches={batch // micro}"]
 
 
+def _predecessor_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from neuromf.bench.predecessor import PredecessorOptions
+    from neuromf.errors import UserError
+
+    if not args.predecessor_norm_eps > 0:
+        raise UserError(f"--predecessor-norm-eps: {args.predecessor_norm_eps} must be > 0")
+    if args.predecessor_data_proportion == "spec":
+        return PredecessorOptions(args.predecessor_norm_eps, None)
+    try:
+        p = float(args.predecessor_data_proportion)
+    except ValueError:
+        p = -1.0
+    if not 0 <= p <= 1:
+        raise UserError(f"--predecessor-data-proportion: {args.predecessor_data_proportion!r} must be in [0, 1] or 'spec'")
+    return PredecessorOptions(args.predecessor_norm_eps, p)
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -68,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--profile: {args.profile} must be >= 0")
     if args.json_out:
         check_output(Path(args.json_out), "--json")  # before minutes of benchmarking, not after
-    spec = load_runspec(args.spec, [*args.overrides, *_batch_overrides(args)])
+    levers = [] if args.checkpointing is None else [f"training.gradient_checkpointing={args.checkpointing == 'on'}"]
+    spec = load_runspec(args.spec, [*args.overrides, *_batch_overrides(args), *levers])
+    predecessor = _predecessor_options(args)
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         check_variant_names(variants)
@@ -83,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(
         steps=args.steps, warmup=args.warmup, variants=variants, data=args.data, channels_last=args.channels_last, interleave=args.interleave,
         peak_tflops=args.peak_tflops, epoch_latents=args.epoch_latents, profile=args.profile, on_variant=progress,
+        compile_mode=args.compile_mode, predecessor=predecessor,
     )
     out = bench(spec, options)
     print()

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--check-paths", action="store_true", help="also check that inputs exist and outputs are writable"
     )
     parser.add_argument(
-        "--check-device", action="store_true", help="also check that the requested device and precision are usable here"
+        "--check-device", action="store_true",
+        help="also check that the requested device and precision are usable here, and run `neuromf doctor` "
+        "(report: <paths.run_dir>/doctor.json)",
     )
 
 
@@ -218,5 +220,12 @@ def run(args: argparse.Namespace) -> int:
         problems += device_problems(spec)
     if problems:
         raise UserError(*problems)
+    if args.check_device:  # the device exists: now what it computes, compiles, fits and how fast
+        from neuromf.cli.doctor import doctor_lines
+
+        report = spec.paths.run_dir / "doctor.json"
+        ok, failed = doctor_lines(spec, report if writable_folder(spec.paths.run_dir) else None)
+        if not ok:
+            raise UserError(*failed)
     print("\n".join(summary_lines(spec, split)))
     return 0

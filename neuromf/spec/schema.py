@@ -175,6 +175,9 @@ class TrainingSpec(Section):
     compile: bool = Field(True, description="torch.compile the training step (falls back to eager if it fails).")
     fold_zero_tangents: bool = Field(True, description="With compile: drop the JVP's convolutions/matmuls with an "
                                      "all-zero weight tangent (exact; a third of the JVP's FLOPs). Off only to debug.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        "default", description="torch.compile mode of the step: reduce-overhead replays it as CUDA graphs (GPU); "
+        "max-autotune* benchmark kernels while compiling (slower compile).")
     gradient_checkpointing: bool = Field(False, description="Checkpoint activations of the gradient pass.")
     seed: int = 42
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower; for exact resume tests).")

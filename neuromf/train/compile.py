@@ -25,7 +25,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-__all__ = ["FoldZeroTangentProducts", "compile_loss"]
+__all__ = ["COMPILE_MODES", "FoldZeroTangentProducts", "compile_loss", "uses_cuda_graphs"]
+
+# training.compile_mode: torch.compile's modes. "reduce-overhead" records the step's CUDA kernels as CUDA graphs
+# (one launch per graph instead of one per kernel: the JVP's many small kernels gain most); the max-autotune modes
+# benchmark kernel choices at compile time (minutes longer). On a CPU only "default" makes a difference.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 aten = torch.ops.aten
 
@@ -89,8 +94,32 @@ class FoldZeroTangentProducts(CustomGraphPass):
         return get_hash_for_files((__file__,))  # Inductor's cache key: a change here recompiles
 
 
-def compile_loss(fn: Callable[..., Any], fold_zero_tangents: bool = True) -> Callable[..., Any]:
-    """torch.compile(fn), with FoldZeroTangentProducts unless `fold_zero_tangents` is False (lazy, like compile)."""
-    if not fold_zero_tangents:
-        return torch.compile(fn)
-    return torch.compile(fn, options={"post_grad_custom_pre_pass": FoldZeroTangentProducts()})
+def uses_cuda_graphs(mode: str) -> bool:
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs"))
+
+
+def compile_loss(fn: Callable[..., Any], fold_zero_tangents: bool = True, mode: str = "default") -> Callable[..., Any]:
+    """torch.compile(fn) in `mode`, with FoldZeroTangentProducts unless `fold_zero_tangents` is False (lazy, like compile).
+
+    torch.compile takes a mode or an options dict, not both: the mode is given as its options (Inductor's
+    own table), with the pass added. Under CUDA graphs every call is marked as a new step, so that the graphs'
+    memory of the previous call (its outputs, consumed by then) may be reused.
+    """
+    from torch._inductor import list_mode_options
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    options: dict[str, Any] = dict(list_mode_options(mode))
+    if fold_zero_tangents:
+        options["post_grad_custom_pre_pass"] = FoldZeroTangentProducts()
+    compiled = torch.compile(fn, options=options or None)
+    if not uses_cuda_graphs(mode):
+        return compiled
+
+    def each_call_a_new_step(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return each_call_a_new_step

@@ -211,7 +211,7 @@ class Trainer:
         """Compile the loss maths (forward, JVP, backward graphs). Lazy: failures surface at the first step."""
         from neuromf.train.compile import compile_loss  # imports Inductor (~1 s): only when compiling
 
-        self.compute = compile_loss(self.loss.compute, self.spec.training.fold_zero_tangents)
+        self.compute = compile_loss(self.loss.compute, self.spec.training.fold_zero_tangents, self.spec.training.compile_mode)
 
     def _noise(self, micro: int) -> torch.Generator:
         """The generator of this rank's micro-batch `micro` in the current step: chunk rank * accumulate + micro."""
