@@ -1,4 +1,4 @@
-"""`neuromf bench` results: ratios between variants, the issue's targets, the table, and the JSON file."""
+"""`neuromf bench` results: ratios between variants, the performance targets (docs/design.md, 'Performance targets'), the table, and the JSON file."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ RATIOS: list[tuple[str, str, str, str]] = [
     ("speedup_fold_zero_tangents", "compiled_nofold", "compiled", "time"),
 ]
 
-# The issue's targets. (key, label, threshold, "min" | "max"): met when value >= / <= threshold.
+# The targets of docs/design.md, 'Performance targets'. (key, label, threshold, "min" | "max"): met when value >= / <= threshold.
 COMPARE_TARGETS: list[tuple[str, str, float, str]] = [
     ("speedup_compiled_vs_predecessor", "compiled step >= 1.5x faster than the predecessor's step", 1.5, "min"),
     ("memory_compiled_vs_predecessor", "compiled step <= 0.6x the predecessor step's peak memory", 0.6, "max"),
@@ -38,7 +38,7 @@ COMPARE_TARGETS: list[tuple[str, str, float, str]] = [
     ("cost_eager_vs_fm", "our step <= 2.5x the flow-matching step (both eager)", 2.5, "max"),
     ("cost_compiled_vs_fm_compiled", "our step <= 2.5x the flow-matching step (both compiled)", 2.5, "max"),
 ]
-PREDECESSOR_LATENTS_PER_S = 3.4  # 132 latents per ~6.5 s step on 6 A100-40GB (DESIGN.md section 2)
+PREDECESSOR_LATENTS_PER_S = 3.4  # the earlier research code: 132 latents per ~6.5 s step on 6 A100-40GB (docs/design.md, 'Where the names come from')
 GPU_MEMORY_LIMIT = 40e9  # an A100 "40GB" has 39.6 GiB; 40e9 bytes (37.3 GiB) leaves room for the CUDA context
 
 

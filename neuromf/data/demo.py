@@ -5,7 +5,7 @@ is the ICBM152 2009a template (T1, grey matter, white matter, and CSF = brain
 mask minus GM minus WM) cropped to the brain, resampled to a `size`^3 cube, then
 warped by a random smooth deformation and a small random affine, with random
 intensity gain/bias/gamma and a little noise. The files match the real data's
-format (DESIGN.md section 3): one float32 tensor (4, D, H, W) per `.pt` file and
+format (docs/design.md, 'Latent files'): one float32 tensor (4, D, H, W) per `.pt` file and
 `latent_stats.json` with per-channel mean and std. Channel 0 is the T1 image,
 so a demo sample shown with the identity "decoder" is a brain.
 
