@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from neuromf.meanflow.reference import u_function
 from neuromf.model.unet import math_attention
 from neuromf.spec.schema import MeanFlowSpec
 
@@ -65,11 +66,7 @@ def predecessor_imf_loss(
     v_c = e - z0
     h = t - r
 
-    def u_of(z: torch.Tensor, tt: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(z.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            out = net(z, tt, hh)
-        out = out.to(z.dtype)
-        return out if prediction_type == "u" else (z - out) / _bcast(tt.clamp(min=mf.t_min), z)
+    u_of = u_function(net, mf, prediction_type, autocast_dtype)  # the network as u(z, t, h), x -> u included
 
     with torch.no_grad():
         v_tilde = u_of(z_t, t, torch.zeros_like(t))

@@ -37,7 +37,7 @@ def _col(s: torch.Tensor) -> torch.Tensor:
     return s.view(-1, 1, 1, 1, 1)
 
 
-def _u_fn(net: Net, mf: MeanFlowSpec, prediction_type: str, autocast_dtype: Optional[torch.dtype]) -> Net:
+def u_function(net: Net, mf: MeanFlowSpec, prediction_type: str, autocast_dtype: Optional[torch.dtype]) -> Net:
     """u(z, t, h): the network under autocast (if asked), the x -> u conversion in z's dtype."""
 
     def u_fn(z: torch.Tensor, tt: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def naive_imf_loss(
     t, r = t.to(z0.dtype), r.to(z0.dtype)
     z_t = (1 - _col(t)) * z0 + _col(t) * e
     h = t - r
-    u_fn = _u_fn(net, mf, prediction_type, autocast_dtype)
+    u_fn = u_function(net, mf, prediction_type, autocast_dtype)
     with math_attention():  # everything under the math backend, as a forward-AD-safe step must be
         v_tilde = u_fn(z_t, t, torch.zeros_like(t))
         u, dudt = torch.func.jvp(u_fn, (z_t, t, h), (v_tilde.detach(), torch.ones_like(t), torch.ones_like(t)))
@@ -100,7 +100,7 @@ def flow_matching_loss(
     dtype = torch.promote_types(z0.dtype, torch.float32)
     z0, e, t = z0.to(dtype), e.to(dtype), t.to(dtype)
     z_t = (1 - _col(t)) * z0 + _col(t) * e
-    v_tilde = _u_fn(net, mf, prediction_type, autocast_dtype)(z_t, t, torch.zeros_like(t))
+    v_tilde = u_function(net, mf, prediction_type, autocast_dtype)(z_t, t, torch.zeros_like(t))
     delta = v_tilde - (e - z0)
     loss_fm = _weighted(delta, mf)
     return {"loss_total": loss_fm, "loss_fm": loss_fm, "mse_fm": delta.detach().square().mean()}
