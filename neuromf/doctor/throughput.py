@@ -19,12 +19,12 @@ TIMED_STEPS = 3
 def steps_per_epoch(ctx: DoctorContext) -> Optional[int]:
     """Optimizer steps per epoch from the number of latents (None when the data cannot be counted here)."""
     from neuromf.cli.validate import count_latents
-    from neuromf.data.split import split_sizes
+    from neuromf.data.split import estimate_sizes
 
     n = count_latents(ctx.spec)
     if n is None:
         return None
-    n_train, _ = split_sizes(n, ctx.spec.data.val_fraction)
+    n_train, _, _ = estimate_sizes(n, ctx.spec.data.val_fraction, ctx.spec.data.test_fraction)
     return max(1, n_train // ctx.spec.training.batch_size)
 
 
