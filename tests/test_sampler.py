@@ -84,8 +84,8 @@ def test_training_samples_use_the_runs_t_min(tmp_path: Path) -> None:
 
     spec = runspec_from_dict(
         {
-            "model": {"spatial_size": [16, 16, 16], "channels": [8, 16, 32, 64], "attention_levels": [False] * 4,
-                      "num_head_channels": [0] * 4, "num_res_blocks": 1, "norm_num_groups": 8},
+            "model": {"spatial_size": [16, 16, 16], "channels": [8, 16, 32, 64], "attention_levels": [False, False, True, True],
+                      "num_head_channels": [0, 0, 8, 8], "num_res_blocks": 1, "norm_num_groups": 8},
             "meanflow": {"t_min": 0.2},
             "training": {"precision": "fp32", "batch_size": 2},
             "data": {"source": "demo"},
