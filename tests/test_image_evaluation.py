@@ -89,6 +89,7 @@ def _with_evaluation_section(run: Path, dest: Path, section: dict, **more: dict)
     shutil.rmtree(dest / "evaluation", ignore_errors=True)
     for ckpt in (dest / "checkpoints").glob("*.pt"):
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state.pop("sha256", None)  # edited here and saved without its digest: loaded unverified, like older files
         state["config"]["evaluation"] = section
         for key, value in more.items():
             state["config"][key].update(value)
