@@ -22,7 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "show": ("neuromf.cli.show", "print the fully resolved run-spec as YAML"),
     "schema": ("neuromf.cli.schema", "print the JSON Schema of the run-spec"),
     "demo-data": ("neuromf.cli.demo_data", "write the embedded demo dataset (MNI152-based latents)"),
-    "pack": ("neuromf.cli.pack", "pack a folder of .pt latents into one HDF5 shard"),
+    "pack": ("neuromf.cli.pack", "pack a folder of .pt latents and upstream .h5 shards into one HDF5 shard"),
     "train": ("neuromf.cli.train", "train a model from a run-spec (checkpoint/resume, samples)"),
     "sample": ("neuromf.cli.sample", "generate samples from a checkpoint"),
     "evaluate": ("neuromf.cli.evaluate", "compare generated samples with held-out latents"),
