@@ -173,6 +173,41 @@ def test_absurd_value_in_a_folder_source_names_the_file(tmp_path: Path) -> None:
         prepare_data(runspec_from_dict(raw, tmp_path), torch.device("cpu"), progress=False)
 
 
+def test_sigkill_during_shard_verification_leaves_no_half_record(tmp_path: Path) -> None:
+    """A node killed while the shard's checksum is being checked: data/verified.json is absent or whole and true,
+    never half-written or claiming a check that did not finish; the next start verifies (again) and records it."""
+    import signal
+    import time
+
+    from neuromf.data.record import verify_shard_once
+
+    lat = tmp_path / "lat"
+    lat.mkdir()
+    for i in range(48):  # 48 x 4 x 32^3 float32: ~25 MB, long enough to kill inside the check
+        torch.save(make_latent(i, (4, 32, 32, 32)), lat / f"sub-{i:03d}.pt")
+    shard = tmp_path / "shard.h5"
+    assert main(["pack", str(lat), str(shard)]) == 0
+    run = tmp_path / "run"
+    record = run / VERIFIED_FILE
+    child = ("import sys; from pathlib import Path; from neuromf.data.record import verify_shard_once; "
+             "print('ready', flush=True); verify_shard_once(Path(sys.argv[1]), Path(sys.argv[2]), force=True, progress=False)")
+    for delay in (0.0, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25):
+        proc = subprocess.Popen([sys.executable, "-c", child, str(run), str(shard)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if record.exists():  # whole, and about this very shard
+            got = json.loads(record.read_text())
+            assert got["size"] == shard.stat().st_size and len(got["content_sha256"]) == 64
+        assert not [p for p in record.parent.glob("*") if p.name != record.name and ".tmp-" not in p.name], \
+            sorted(record.parent.iterdir())  # nothing else: at most the temporary of the killed write
+    # the next start: verifies unless a whole record says this shard was verified; either way a true record after
+    verify_shard_once(run, shard, progress=False)
+    got = json.loads(record.read_text())
+    assert got["size"] == shard.stat().st_size and got["mtime_ns"] == shard.stat().st_mtime_ns
+
+
 # ---------------------------------------------------------------- pack on a full disk
 
 
