@@ -121,7 +121,7 @@ def test_run_log_truncates_to_the_resume_step(tmp_path: Path) -> None:
 
 def test_precision_is_decided_from_the_resolved_device() -> None:
     """bf16 autocast only on a GPU: `device: auto` + the default bf16 on a CPU-only machine runs fp32."""
-    from neuromf.train.runtime import autocast_dtype
+    from neuromf.device import autocast_dtype
 
     spec = RunSpec.model_validate({"data": {"source": "demo"}, "hardware": {"device": "auto"}})
     assert spec.training.precision == "bf16"

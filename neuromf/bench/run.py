@@ -98,7 +98,8 @@ class BenchSetup:
         from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.meanflow.reference import flow_matching_loss, naive_imf_loss
         from neuromf.model.unet import build_network, count_parameters
-        from neuromf.train.runtime import autocast_dtype, configure_torch, pick_device
+        from neuromf.device import autocast_dtype, pick_device
+        from neuromf.train.runtime import configure_torch
 
         self.spec, self.options = spec, options
         self.device = pick_device(spec)
@@ -163,9 +164,7 @@ def _peak(spec: RunSpec, device: torch.device, override: Optional[float]) -> tup
 
 def _projection(spec: RunSpec, variant: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
     """Wall time of the run's training steps at this step time (no validation, samples or checkpoints)."""
-    from neuromf.train.runtime import total_steps
-
-    total = total_steps(spec, steps_per_epoch)
+    total = spec.training.total_steps(steps_per_epoch)
     per_step = variant["step_s"]["median"] + variant["data_wait_s"]["median"]
     return {
         "variant": variant["name"], "steps_per_epoch": steps_per_epoch, "max_epochs": spec.training.max_epochs,

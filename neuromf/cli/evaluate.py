@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     from neuromf.atomic import atomic_write_text, check_output
     from neuromf.errors import UserError
-    from neuromf.evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_summary, resolve_device
+    from neuromf.device import resolve_device
+    from neuromf.evaluation.evaluate import EvalOptions, evaluate_checkpoint, format_summary
     from neuromf.evaluation.jsonio import to_json
     from neuromf.evaluation.runs import load_for_eval
 

@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from neuromf.atomic import check_output
+    from neuromf.device import resolve_device
     from neuromf.errors import UserError
-    from neuromf.evaluation.evaluate import resolve_device
     from neuromf.evaluation.runs import load_for_eval
     from neuromf.evaluation.sampling import write_samples
 

@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from neuromf.atomic import check_output
+    from neuromf.device import resolve_device
     from neuromf.errors import UserError
-    from neuromf.evaluation.evaluate import resolve_device
     from neuromf.evaluation.report import verify_run
 
     if args.n is not None and args.n < 2:

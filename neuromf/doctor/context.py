@@ -26,7 +26,8 @@ class DoctorContext:
     def build(cls, spec: RunSpec) -> "DoctorContext":
         from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.model.unet import build_network, perturb_zero_init
-        from neuromf.train.runtime import autocast_dtype, configure_torch, pick_device
+        from neuromf.device import autocast_dtype, pick_device
+        from neuromf.train.runtime import configure_torch
 
         device = pick_device(spec)
         configure_torch(spec, device)

@@ -26,6 +26,7 @@ JVP_TOLERANCE = {"fp32": 1e-2, "bf16": 1e-1}  # fp32 on a GPU multiplies in TF32
 BUG_163539_SHAPE = (1, 16, 124, 1282, 722)
 
 Conv = Callable[..., torch.Tensor]
+_NO_AUTOCAST = "the run computes in fp32 here (training.precision fp32, or bf16 on a device without a GPU)"
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,8 +75,8 @@ def _conv_error(conv: Conv, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.
 
 def check_conv3d_bf16(ctx: DoctorContext, conv: Conv = F.conv3d) -> CheckResult:
     """Every convolution of the network at the run's micro-batch shapes, bf16 against fp32 (and #163539's shape on GPUs)."""
-    if ctx.spec.training.precision != "bf16":
-        return CheckResult("conv3d_bf16", None, "the run is fp32 (training.precision)")
+    if ctx.dtype is None:
+        return CheckResult("conv3d_bf16", None, _NO_AUTOCAST)
     batch = ctx.micro_batch
     worst, where, cases = 0.0, "", []
     g = torch.Generator(ctx.device).manual_seed(1)
@@ -110,15 +111,15 @@ def check_conv3d_bf16(ctx: DoctorContext, conv: Conv = F.conv3d) -> CheckResult:
 
 def check_forward_bf16(ctx: DoctorContext) -> CheckResult:
     """The whole network at bf16 autocast against fp32, on two latents."""
-    if ctx.spec.training.precision != "bf16":
-        return CheckResult("forward_bf16", None, "the run is fp32 (training.precision)")
+    if ctx.dtype is None:
+        return CheckResult("forward_bf16", None, _NO_AUTOCAST)
     n = min(ctx.micro_batch, 2)
     z = ctx.latents(n)
     t = torch.tensor([0.7, 0.4][:n], device=ctx.device)
     with torch.no_grad():
         with true_fp32():
             ref = ctx.net(z, t, t / 2)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+        with torch.autocast(ctx.device.type, dtype=ctx.dtype):
             low = ctx.net(z, t, t / 2)
     err = relative_error(low.float(), ref)
     ok = err <= FORWARD_TOLERANCE
@@ -149,7 +150,8 @@ def check_jvp(ctx: DoctorContext, du_dt: Optional[Callable[..., torch.Tensor]] =
     del net64
     ctx.free()
     err = relative_error(got, ref)
-    tol = JVP_TOLERANCE[ctx.spec.training.precision]
+    precision = "fp32" if ctx.dtype is None else "bf16"  # what the run computes in on this device
+    tol = JVP_TOLERANCE[precision]
     ok = err <= tol
-    return CheckResult("jvp", ok, f"du/dt at {ctx.spec.training.precision} vs a float64 finite difference: relative error "
+    return CheckResult("jvp", ok, f"du/dt at {precision} vs a float64 finite difference: relative error "
                        f"{err:.2e} ({'within' if ok else 'ABOVE'} {tol:.0e})", {"relative_error": err, "tolerance": tol})

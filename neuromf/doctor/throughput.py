@@ -30,7 +30,6 @@ def steps_per_epoch(ctx: DoctorContext) -> Optional[int]:
 
 def check_throughput(ctx: DoctorContext) -> CheckResult:
     """Time a few micro-batch steps of the run's step (compiled when the compiled check passed)."""
-    from neuromf.train.runtime import total_steps
     from neuromf.train.schedule import build_optimizer
     from neuromf.train.step import train_step
 
@@ -71,7 +70,7 @@ def check_throughput(ctx: DoctorContext) -> CheckResult:
     text = f"{kind} step: {per_step:.3g} s per optimizer step ({per_gpu / per_step:.1f} latents/s on this device)"
     if spe is None:
         return CheckResult("throughput", True, text + "; run length unknown (the data cannot be counted here)", details)
-    total = total_steps(ctx.spec, spe)
+    total = ctx.spec.training.total_steps(spe)
     hours = total * per_step / 3600
     details.update(steps_per_epoch=spe, total_steps=total, projected_hours=hours)
     return CheckResult("throughput", True, f"{text}; {total} steps -> ~{hours:.1f} h of training steps", details)

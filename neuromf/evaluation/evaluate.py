@@ -35,7 +35,7 @@ from neuromf.evaluation.metrics import frechet_distance_of_fits, histogram_overl
 from neuromf.evaluation.runs import LoadedCheckpoint
 from neuromf.evaluation.sets import SetStats, available, reference_batches, take
 
-__all__ = ["EvalOptions", "evaluate_checkpoint", "resolve_device", "format_summary", "DEFAULT_MAX_N"]
+__all__ = ["EvalOptions", "evaluate_checkpoint", "format_summary", "DEFAULT_MAX_N"]
 
 DEFAULT_MAX_N = 500  # the sample count P4-T6 asks for (docs/design.md, 'Verification tests'); the default N is min(reference size, this)
 BANDWIDTH_FACTORS = (0.5, 1.0, 2.0)
@@ -72,25 +72,9 @@ class EvalOptions:
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def resolve_device(name: str) -> torch.device:
-    """--device: 'auto' (CUDA when visible), 'cpu', 'cuda' or 'cuda:N'; anything else is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
-
-
 def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[Path]) -> dict[str, Any]:
     """Run the comparison, write `<out_dir>/evaluation.json` and `latent_histograms.png` (unless out_dir is None)."""
+    from neuromf.device import resolve_device
     from neuromf.evaluation.featurize import open_featurizer
 
     spec = loaded.spec

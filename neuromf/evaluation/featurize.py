@@ -47,9 +47,10 @@ class Featurizer:
             return normalised.detach().float().cpu()
         if self.spec.vae.decoder == "identity":
             return raw[:, :1].detach().float().cpu()
+        from neuromf.device import autocast_dtype
         from neuromf.model.vae import decode_with
 
-        return decode_with(self.vae, raw, self.spec.vae)
+        return decode_with(self.vae, raw, self.spec.vae, autocast_dtype(self.spec, self.device))
 
     def features(self, volumes: Tensor) -> dict[str, Tensor]:
         """{plane: (rows, F) float64}: one row per volume ('pooled', '3d') or per slice ('xy', 'yz', 'zx')."""

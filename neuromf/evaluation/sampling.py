@@ -65,6 +65,7 @@ def write_samples(
     """Generate and write the files above; returns {label: sample_paths(...)} for each NFE."""
     from tqdm import tqdm
 
+    from neuromf.device import autocast_dtype
     from neuromf.evaluation.generate import generate_batches
     from neuromf.evaluation.jsonio import to_json
     from neuromf.evaluation.runs import latent_stats_for
@@ -97,7 +98,7 @@ def write_samples(
             for k, z in by_nfe.items():
                 raw = stats.denormalise(z.float().cpu())
                 latents[k].append(raw)
-                volumes = decode_with(vae, raw, spec.vae) if decoding else raw
+                volumes = decode_with(vae, raw, spec.vae, autocast_dtype(spec, device)) if decoding else raw
                 if save_volumes:
                     keys = [key for key in paths[k] if key.startswith("sample_")][start : start + raw.shape[0]]
                     for i, key in enumerate(keys):

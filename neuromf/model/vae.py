@@ -209,16 +209,18 @@ def loaded_vae(spec: VAESpec, weights: Optional[Path], device: Device) -> Iterat
         del vae
 
 
-def decode_with(vae: nn.Module, latents: Tensor, spec: VAESpec) -> Tensor:
+def decode_with(vae: nn.Module, latents: Tensor, spec: VAESpec, autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Decode de-normalised latents (B, C, D, H, W) with a loaded VAE: CPU float32 (B, 1, X, Y, Z).
 
     One sample at a time (a 4x48^3 latent becomes a 192^3 volume; activations,
     not weights, dominate the memory), `z / spec.scale_factor`, no gradients,
-    bf16 autocast on CUDA (GroupNorm runs in fp32 inside MAISI's layers).
+    under autocast at `autocast_dtype` (the run's, from neuromf.device.autocast_dtype: bf16 on a GPU
+    unless the run is fp32; GroupNorm runs in fp32 inside MAISI's layers); None: fp32.
     """
     device = next(vae.parameters()).device
     out = []
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    enabled = autocast_dtype is not None
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
         for i in range(latents.shape[0]):
             z = latents[i : i + 1].to(device=device, dtype=torch.float32) / spec.scale_factor
             out.append(vae.decode(z).to(device="cpu", dtype=torch.float32))
@@ -226,7 +228,9 @@ def decode_with(vae: nn.Module, latents: Tensor, spec: VAESpec) -> Tensor:
     return torch.cat(out, dim=0)
 
 
-def decode_latents(latents: Tensor, spec: VAESpec, weights: Optional[Path], device: Device) -> Tensor:
+def decode_latents(
+    latents: Tensor, spec: VAESpec, weights: Optional[Path], device: Device, autocast_dtype: Optional[torch.dtype] = None
+) -> Tensor:
     """Decoded volumes (B, 1 or C, X, Y, Z), float32 on CPU, from DE-NORMALISED latents (B, C, D, H, W).
 
     vae.decoder "identity" returns the latents themselves (the demo: channel 0
@@ -241,6 +245,6 @@ def decode_latents(latents: Tensor, spec: VAESpec, weights: Optional[Path], devi
         raise UserError(f"vae.latent_channels: {spec.latent_channels}, but the latents have {latents.shape[1]} channels")
     started = time.perf_counter()
     with loaded_vae(spec, weights, device) as vae:
-        volumes = decode_with(vae, latents.detach(), spec)
+        volumes = decode_with(vae, latents.detach(), spec, autocast_dtype)
     log.info("decoded %d latents to %s in %.1f s", latents.shape[0], tuple(volumes.shape[1:]), time.perf_counter() - started)
     return volumes

@@ -214,6 +214,10 @@ class TrainingSpec(Section):
     def micro_batch_size(self) -> int:
         return self.batch_size // self.accumulate_grad_batches
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: max_steps when set, else max_epochs epochs."""
+        return self.max_steps or steps_per_epoch * self.max_epochs
+
 
 class EMASpec(Section):
     decay: float = Field(0.999, gt=0, lt=1, description="Simple exponential moving average of the weights.")

@@ -198,7 +198,7 @@ class Dist:
 
 
 def _device_for(spec: RunSpec, launch: Launch) -> torch.device:
-    from neuromf.train.runtime import pick_device
+    from neuromf.device import pick_device
 
     if pick_device(spec).type == "cpu":
         return torch.device("cpu")

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from neuromf.device import autocast_dtype
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, capture_rng_states, restore_rng_states
@@ -46,7 +47,7 @@ from neuromf.train.distributed import is_collective_error, setup_distributed
 from neuromf.train.ema import EMA
 from neuromf.train.periodic_eval import periodic_evaluation, periodic_evaluation_due
 from neuromf.train.run_log import RunLog
-from neuromf.train.runtime import autocast_dtype, configure_torch, total_steps
+from neuromf.train.runtime import configure_torch
 from neuromf.train.schedule import build_optimizer, build_scheduler
 from neuromf.train.resume import check_compatible, claim_run_folder, load_resume_state
 from neuromf.train.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopInterrupt, StopRequest
@@ -118,7 +119,7 @@ class Trainer:
         self.micro_batch = spec.training.batch_size // (world * spec.training.accumulate_grad_batches)
         self.val_batches = self.data.val_batches(self.micro_batch) if self.data.val_names else None
         self.steps_per_epoch = self.batches.steps_per_epoch
-        self.total_steps = 1 if dry_run else total_steps(spec, self.steps_per_epoch)
+        self.total_steps = 1 if dry_run else spec.training.total_steps(self.steps_per_epoch)
         if not dry_run and spec.training.warmup_steps >= self.total_steps:
             raise UserError(f"training.warmup_steps: {spec.training.warmup_steps} is not shorter than the run ({self.total_steps} steps)")
 
