@@ -179,7 +179,7 @@ def test_wrong_file_gives_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError) as e:
         load_extractor("radimagenet2p5d", tmp_path / "damaged.pt")
     (line,) = e.value.problems
-    assert "missing 1 keys (layer3.0.bn2.running_mean)" in line and "conv1.bias (5,) vs (4,)" in line
+    assert "missing 1 key (layer3.0.bn2.running_mean)" in line and "conv1.bias (5,) vs (4,)" in line
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
     with pytest.raises(UserError, match="not a readable torch file"):
         load_extractor("medicalnet3d", tmp_path / "garbage.pt")

@@ -99,7 +99,7 @@ def test_key_mismatch_lists_the_keys(tmp_path: Path, spec: VAESpec, state_dict: 
     path = _save(tmp_path / "broken.pt", {"unet_state_dict": broken})
     with pytest.raises(UserError) as err:
         load_vae(spec, path, "cpu")
-    text = str(err.value)
+    (text,) = err.value.problems  # one line
     assert str(path) in text and dropped in text and "decoder.extra_layer.weight" in text
 
 

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from neuromf.errors import UserError
+from neuromf.model.state_fit import load_fitting
 
 __all__ = ["Extractor", "ExtractorKind", "KerasResNet", "load_extractor", "sha256_of", "medicalnet_state", "build_medicalnet"]
 
 ExtractorKind = Literal["medicalnet3d", "radimagenet2p5d"]
-_SHOWN = 5
 
 
 def sha256_of(path: Path) -> str:
@@ -200,24 +200,6 @@ def _read(path: Path) -> Any:
         raise UserError(f"--weights {path}: not a readable torch file ({type(e).__name__})") from None
 
 
-def _listed(keys: list[str]) -> str:
-    return ", ".join(keys[:_SHOWN]) + (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
-
-
-def _fit(net: nn.Module, state: Mapping[str, Tensor], path: Path, what: str) -> None:
-    """Strict load, or one UserError line naming every kind of mismatch."""
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    parts = [f"missing {len(missing)} keys ({_listed(missing)})"] if missing else []
-    parts += [f"unexpected {len(unexpected)} keys ({_listed(unexpected)})"] if unexpected else []
-    parts += [f"{len(wrong)} wrongly shaped ({_listed(wrong)})"] if wrong else []
-    if parts:
-        raise UserError(f"--weights {path}: does not fit the {what}: " + "; ".join(parts))
-    net.load_state_dict(state, strict=True)
-
-
 def load_extractor(kind: ExtractorKind, path: Path, device: torch.device | str = "cpu") -> Extractor:
     """Build the extractor `kind`, load `path` into it (eval mode, no gradients) and hash the file."""
     path = Path(path)
@@ -248,5 +230,5 @@ def load_extractor(kind: ExtractorKind, path: Path, device: torch.device | str =
         description = f"RadImageNet ResNet (Keras layout, blocks {blocks}, planes {planes}), spatial average of layer4"
     else:
         raise UserError(f"--features {kind}: unknown extractor")
-    _fit(net, state, path, what)
+    load_fitting(net, state, f"--weights {path}", f"the {what}")
     return Extractor(kind, net.to(device).eval().requires_grad_(False), path, sha256_of(path), description)

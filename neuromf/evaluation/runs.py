@@ -45,16 +45,18 @@ class LoadedCheckpoint:
 
     def network(self, weights: Weights, device: torch.device | str = "cpu") -> nn.Module:
         """The network with the online or the EMA weights, in eval mode, without gradients."""
+        from neuromf.model.state_fit import load_fitting
         from neuromf.model.unet import build_network
 
         net = build_network(self.spec.model)
-        _load_strict(net, self.state["model_state_dict"], self.path, "model_state_dict")
+        load_fitting(net, self.state["model_state_dict"], f"{self.path}: model_state_dict", "the network of its run-spec",
+                     hint="the checkpoint does not match its own model section (made by an incompatible version?)")
         if weights == "ema":
             ema = self.state.get("ema_state_dict")
             if not isinstance(ema, dict):
                 raise UserError(f"{self.path}: holds no EMA weights (ema_state_dict)")
             # The EMA covers the floating-point entries; anything else stays as in the online model.
-            _load_partial(net, ema, self.path)
+            load_fitting(net, ema, f"{self.path}: ema_state_dict", "the network of its run-spec", allow_missing=True)
         return net.to(device).eval().requires_grad_(False)
 
 
@@ -125,41 +127,6 @@ def _follow_moved_run(spec: RunSpec, run_dir: Path) -> None:
         value = getattr(spec.data, key)
         if value is not None and Path(value).is_relative_to(old):
             setattr(spec.data, key, run_dir / Path(value).relative_to(old))
-
-
-def _shape_problems(expected: dict[str, torch.Tensor], got: dict[str, Any]) -> list[str]:
-    return [f"{k} (checkpoint {tuple(got[k].shape)}, network {tuple(v.shape)})"
-            for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
-
-
-def _listed(keys: list[str], most: int = 6) -> str:
-    return ", ".join(keys[:most]) + (f", and {len(keys) - most} more" if len(keys) > most else "")
-
-
-def _load_strict(net: nn.Module, state: dict[str, Any], path: Path, what: str) -> None:
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = _shape_problems(expected, state)
-    problems = []
-    if missing:
-        problems.append(f"{path}: {what} lacks {len(missing)} keys the network of its run-spec needs: {_listed(missing)}")
-    if unexpected:
-        problems.append(f"{path}: {what} has {len(unexpected)} keys the network lacks: {_listed(unexpected)}")
-    if wrong:
-        problems.append(f"{path}: {what} has {len(wrong)} keys of the wrong shape: {_listed(wrong)}")
-    if problems:
-        raise UserError(*problems, f"{path}: the checkpoint does not match its own model section (made by an incompatible version?)")
-    net.load_state_dict(state, strict=True)
-
-
-def _load_partial(net: nn.Module, state: dict[str, Any], path: Path) -> None:
-    expected = net.state_dict()
-    unexpected = sorted(set(state) - set(expected))
-    wrong = _shape_problems(expected, state)
-    if unexpected or wrong:
-        raise UserError(f"{path}: ema_state_dict does not fit the network: {_listed(unexpected + wrong)}")
-    net.load_state_dict(state, strict=False)
 
 
 def latent_stats_for(loaded: LoadedCheckpoint) -> Any:

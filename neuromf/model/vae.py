@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from neuromf.errors import UserError
+from neuromf.model.state_fit import load_fitting
 from neuromf.spec.schema import VAESpec
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ Device = Union[torch.device, str]
 _STATE_DICT_KEYS = ("unet_state_dict", "state_dict", "autoencoder_state_dict", "model_state_dict")
 # Prefixes that wrappers add to every key (DDP, torch.compile).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# How many offending keys an error lists before "and N more".
+# How many keys an error lists.
 _MAX_KEYS_SHOWN = 8
 
 
@@ -137,34 +138,6 @@ def _extract_state_dict(obj: Any, weights: Path) -> dict[str, Tensor]:
     return state
 
 
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
-    more = len(keys) - _MAX_KEYS_SHOWN
-    return f"{shown}, and {more} more" if more > 0 else shown
-
-
-def _check_keys(model: nn.Module, state: Mapping[str, Tensor], weights: Path) -> None:
-    """UserError listing missing, unexpected and wrongly shaped keys, one problem per line."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state)
-        if state[k].shape != expected[k].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"paths.vae_weights: {weights} lacks {len(missing)} keys the VAE needs: {_listed(missing)}")
-    if unexpected:
-        problems.append(f"paths.vae_weights: {weights} has {len(unexpected)} keys the VAE lacks: {_listed(unexpected)}")
-    if wrong_shape:
-        problems.append(f"paths.vae_weights: {weights} has {len(wrong_shape)} keys of the wrong shape: {_listed(wrong_shape)}")
-    if problems:
-        problems.append("vae: check num_channels, num_res_blocks, latent_channels and norm_num_groups against the weights")
-        raise UserError(*problems)
-
-
 def load_vae(spec: VAESpec, weights: Path, device: Device) -> nn.Module:
     """Build the VAE, load `weights` (strict), move it to `device`; eval mode, no gradients.
 
@@ -176,8 +149,8 @@ def load_vae(spec: VAESpec, weights: Path, device: Device) -> nn.Module:
     weights = Path(weights)
     state = _extract_state_dict(_read_weights_file(weights), weights)
     vae = build_vae(spec)
-    _check_keys(vae, state, weights)
-    vae.load_state_dict(state, strict=True)
+    load_fitting(vae, state, f"paths.vae_weights: {weights}", "the VAE",
+                 hint="check vae.num_channels, num_res_blocks, latent_channels and norm_num_groups against the weights")
     vae.eval().requires_grad_(False)
     return vae.to(device)
 

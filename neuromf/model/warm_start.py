@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from neuromf.errors import UserError
+from neuromf.model.state_fit import load_fitting
 from neuromf.model.unet import MeanFlowUNet, zero_h_embedding
 
 __all__ = ["fold_maisi_conditioning", "load_pretrained_backbone"]
@@ -38,11 +39,6 @@ log = logging.getLogger(__name__)
 
 # NVIDIA's MAISI code feeds spacing in mm multiplied by 100 (spacing_tensor = spacing * 1e2).
 _SPACING_SCALE = 100.0
-
-
-def _listed(kind: str, keys: Sequence[str], limit: int = 12) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{kind} ({len(keys)}): {', '.join(keys[:limit])}{more}"
 
 
 def fold_maisi_conditioning(
@@ -111,28 +107,13 @@ def load_pretrained_backbone(
     if "scale_factor" in ckpt:
         log.info("warm start from %s (scale_factor %s)", path, float(torch.as_tensor(ckpt["scale_factor"]).float()))
 
-    expected = net.unet.state_dict()
     embed_dim = net.unet.time_embed[0].out_features
     state = fold_maisi_conditioning(
         {k: torch.as_tensor(v) for k, v in ckpt["unet_state_dict"].items()}, embed_dim, spacing_mm, class_label
     )
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
+    load_fitting(
+        net.unet, state, f"model.init_from: {path}", "the network that model.* describes",
+        hint="NV-Generate-MR has channels [64, 128, 256, 512], attention [false, false, true, true], num_head_channels "
+        "[0, 0, 32, 32], num_res_blocks 2, norm_num_groups 32, resblock_updown true, in/out channels 4",
     )
-    problems = [_listed("missing from the checkpoint", missing)] if missing else []
-    problems += [_listed("not in the model", unexpected)] if unexpected else []
-    problems += [_listed("shape differs", shapes)] if shapes else []
-    if problems:
-        raise UserError(
-            f"model.init_from: {path} does not fit the network that model.* describes "
-            "(NV-Generate-MR: channels [64, 128, 256, 512], attention [false, false, true, true], "
-            "num_head_channels [0, 0, 32, 32], num_res_blocks 2, norm_num_groups 32, resblock_updown true, "
-            "in/out channels 4)",
-            *problems,
-        )
-    net.unet.load_state_dict(state, strict=True)
     zero_h_embedding(net)
