@@ -55,7 +55,7 @@ def test_predecessor_loss_and_gradients_equal_its_formula() -> None:
     e, t, r = e.double(), t.double(), r.double()
     assert bool((t[:2] == r[:2]).all()) and bool((t[2:] > r[2:]).all())  # both kinds of rows are in the batch
 
-    ref = _predecessor_formula(lambda z, r_, t_: net(z, t_, t_ - r_), z0, e, t, r, mf.loss_norm, 1.0, mf.t_min)
+    ref = _predecessor_formula(lambda z, r_, t_: net(z, t_, t_ - r_), z0, e, t, r, mf.loss_norm, 1.0, mf.denominator_floor)
     ref.backward()
     g_ref = _grads(net)
     net.zero_grad(set_to_none=True)

@@ -303,6 +303,26 @@ def test_evaluate_uses_a_moved_run(tiny_run: Path, tmp_path: Path) -> None:
     assert find_checkpoint(moved / "checkpoints" / "latest.pt") == (moved / "checkpoints" / "latest.pt", moved)
 
 
+def test_a_checkpoint_saved_with_meanflow_t_min_still_samples_and_resumes(tiny_run: Path, tmp_path: Path) -> None:
+    """Checkpoints written before meanflow.t_min was renamed meanflow.denominator_floor: read with the new name."""
+    from neuromf.evaluation.runs import load_for_eval
+    from neuromf.train.resume import check_compatible, load_named
+
+    state = torch.load(tiny_run / "checkpoints" / "latest.pt", weights_only=True)
+    del state["sha256"]  # edited below and saved without its digest: loaded unverified, like older files
+    meanflow = state["config"]["meanflow"]
+    del meanflow["denominator_floor"]
+    meanflow["t_min"] = 0.2
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    loaded = load_for_eval(old)
+    assert loaded.spec.meanflow.denominator_floor == 0.2
+    out = tmp_path / "o"
+    assert main(["sample", str(old), "--n", "1", "--nfe", "2", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert (out / "ema_nfe2_latents.pt").is_file()
+    check_compatible(load_for_eval(tiny_run).spec, old, load_named(old, torch.device("cpu")))  # --resume accepts it
+
+
 def test_sample_decodes_through_the_vae_of_the_run_spec(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A run-spec with vae.decoder maisi: volumes are the VAE's decode of z / scale_factor (a tiny saved VAE)."""
     from neuromf.model.vae import build_vae, decode_latents

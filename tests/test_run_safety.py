@@ -484,7 +484,7 @@ def test_a_stop_signal_interrupts_the_epoch_end_which_the_resume_redoes(
     if during == "validation":
         trainer.val_batches.numbered = signal_self_on_first_call(trainer.val_batches.numbered)  # type: ignore[union-attr]
     else:
-        import neuromf.train.samples as samples
+        import neuromf.train.sample_files as samples
 
         monkeypatch.setattr(samples, "write_sample_set", signal_self_on_first_call(samples.write_sample_set))
     assert trainer.run() == REQUEUE_EXIT_CODE
@@ -524,7 +524,7 @@ def test_a_sigkill_during_sample_writing_resumes_to_complete_samples(trained: di
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
-    from neuromf.train.samples import sample_paths
+    from neuromf.train.sample_files import sample_paths
 
     for label in ("ema_nfe1", "ema_nfe2", "online_nfe1", "online_nfe2"):
         paths = sample_paths(folder, label, 48)

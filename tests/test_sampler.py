@@ -11,7 +11,7 @@ from torch import nn
 
 from imf_tiny import tiny_net
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.meanflow.sampler import sample, sample_multi_step, sample_one_step
+from neuromf.meanflow.sampler import sample, sample_for_run
 from neuromf.model.unet import build_network
 from neuromf.spec.schema import MeanFlowSpec, ModelSpec, TimeSamplingSpec
 
@@ -37,20 +37,20 @@ def _noise(n: int = 3, seed: int = 0) -> torch.Tensor:
 def test_one_step_is_one_call_at_t1_h1_returning_the_output() -> None:
     net = Recorder(tiny_net())
     noise = _noise()
-    x_hat = sample_one_step(net, noise)
+    x_hat = sample(net, noise, 1)
     assert len(net.calls) == 1
     t, h, out = net.calls[0]
     assert torch.equal(t, torch.ones(3)) and torch.equal(h, torch.ones(3))
     assert torch.equal(x_hat, out)  # the network output itself: no u -> x conversion
     assert not x_hat.requires_grad
-    u_sample = sample_one_step(net, noise, prediction_type="u")
+    u_sample = sample(net, noise, 1, prediction_type="u")
     assert len(net.calls) == 2 and torch.equal(u_sample, noise - net.calls[1][2])
 
 
 def test_multi_step_grid_and_update() -> None:
     net = Recorder(tiny_net())
     noise = _noise()
-    z = sample_multi_step(net, noise, nfe=4)
+    z = sample(net, noise, 4)
     assert [float(c[0][0]) for c in net.calls] == [1.0, 0.75, 0.5, 0.25]
     assert all(torch.allclose(c[1], torch.full((3,), 0.25)) for c in net.calls)
     # replay z_r = z_t - (t - r) (z_t - x_hat) / max(t, 0.05) with the recorded outputs
@@ -60,9 +60,8 @@ def test_multi_step_grid_and_update() -> None:
         expected = expected - 0.25 * (expected - out) / max(tv, 0.05)
     assert torch.allclose(z, expected, atol=1e-6)
     # one step of the multi-step sampler is the one-step sampler (up to rounding of (z - x) / 1 * 1)
-    assert torch.allclose(sample_multi_step(net, noise, nfe=1), sample_one_step(net, noise), atol=1e-6)
     with pytest.raises(ValueError, match="nfe"):
-        sample_multi_step(net, noise, nfe=0)
+        sample(net, noise, 0)
 
 
 def test_sample_is_deterministic_batched_and_leaves_mode_alone() -> None:
@@ -77,16 +76,16 @@ def test_sample_is_deterministic_batched_and_leaves_mode_alone() -> None:
     assert net.training  # the sampler does not switch train/eval
 
 
-def test_training_samples_use_the_runs_t_min(tmp_path: Path) -> None:
-    """Periodic samples (and so `neuromf sample` and `evaluate`) divide by max(t, meanflow.t_min), not a fixed 0.05."""
+def test_run_samples_use_the_runs_denominator_floor(tmp_path: Path) -> None:
+    """Samples of a run (periodic, `neuromf sample`, `evaluate`: all call sample_for_run) divide by
+    max(t, meanflow.denominator_floor), not a fixed 0.05 (the old bug: multi-step sampling ignored the run's value)."""
     from neuromf.spec import runspec_from_dict
-    from neuromf.train.periodic import generate_latents
 
     spec = runspec_from_dict(
         {
             "model": {"spatial_size": [16, 16, 16], "channels": [8, 16, 32, 64], "attention_levels": [False, False, True, True],
                       "num_head_channels": [0, 0, 8, 8], "num_res_blocks": 1, "norm_num_groups": 8},
-            "meanflow": {"t_min": 0.2},
+            "meanflow": {"denominator_floor": 0.2},
             "training": {"precision": "fp32", "batch_size": 2},
             "data": {"source": "demo"},
             "hardware": {"device": "cpu"},
@@ -95,9 +94,14 @@ def test_training_samples_use_the_runs_t_min(tmp_path: Path) -> None:
     )
     net = tiny_net().eval()
     noise = _noise(2, seed=5)
-    got = generate_latents(spec, net, noise, 10)
-    assert torch.allclose(got, sample_multi_step(net, noise, 10, t_min=0.2), atol=1e-6)
-    assert not torch.allclose(got, sample_multi_step(net, noise, 10, t_min=0.05), atol=1e-3)
+    got = sample_for_run(spec, net, noise, 10)
+    assert torch.allclose(got, sample(net, noise, 10, denominator_floor=0.2), atol=1e-6)
+    assert not torch.allclose(got, sample(net, noise, 10, denominator_floor=0.05), atol=1e-3)
+    # `neuromf sample` and `evaluate` draw through generate_batches: the same function, the same floor
+    from neuromf.evaluation.generate import generate_batches, sample_noise
+
+    (start, by_nfe), = generate_batches(spec, net, 2, [10], 7, 2, torch.device("cpu"))
+    assert start == 0 and torch.equal(by_nfe[10], sample_for_run(spec, net, sample_noise(7, 0, 2, (4, 16, 16, 16)), 10))
 
 
 # --------------------------------------------------------------------------------------------------

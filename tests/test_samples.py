@@ -13,8 +13,8 @@ from neuromf import atomic
 import torch
 from PIL import Image
 
-from neuromf.train import samples
-from neuromf.train.samples import epoch_sample_dir, mid_slices, sample_paths, volume_grid, write_sample_set
+from neuromf.train import sample_files as samples
+from neuromf.train.sample_files import epoch_sample_dir, mid_slices, sample_paths, volume_grid, write_sample_set
 
 
 def sphere(n: int, radius: float = 0.6) -> torch.Tensor:

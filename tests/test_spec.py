@@ -45,7 +45,7 @@ def test_picasso_has_the_correct_not_the_stale_values() -> None:
     spec = load_runspec(SHIPPED[1])
     assert (spec.time_sampling.mu, spec.time_sampling.sigma) == (-0.4, 1.0)
     assert spec.time_sampling.data_proportion == 0.25 and spec.time_sampling.t_min == 0.001
-    assert spec.meanflow.t_min == 0.05 and spec.meanflow.norm_eps == 0.01
+    assert spec.meanflow.denominator_floor == 0.05 and spec.meanflow.norm_eps == 0.01
     assert spec.training.weight_decay == 0.0 and spec.training.warmup_steps == 5000
     assert spec.training.max_epochs == 500 and spec.training.batch_size == 24
     assert spec.ema.decay == 0.999 and spec.ema.half_lives is None
@@ -86,6 +86,7 @@ BAD_INPUTS = {
     "wrong type": ("training:\n  batch_size: many\n", "training.batch_size: Input should be a valid integer"),
     "out of range": ("time_sampling:\n  t_min: 1.5\n", "time_sampling.t_min: Input should be less than 1"),
     "data_proportion": ("time_sampling:\n  data_proportion: -0.1\n", "time_sampling.data_proportion:"),
+    "renamed key": ("meanflow:\n  t_min: 0.1\n", "meanflow.t_min: renamed: use meanflow.denominator_floor"),
     "inconsistent lists": (
         "model:\n  channels: [8, 16, 32, 64]\n  attention_levels: [false, true]\n  norm_num_groups: 8\n",
         "model.attention_levels: has 2 entries but channels has 4",

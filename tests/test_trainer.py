@@ -160,7 +160,7 @@ def test_sample_generation_shape(latent_dir: Path, tmp_path: Path) -> None:
     """Periodic samples with the identity decoder (the demo's): latents, grids and volumes of the right shape."""
     import nibabel as nib
 
-    from neuromf.train.periodic import write_periodic_samples
+    from neuromf.train.epoch_samples import write_periodic_samples
 
     spec = tiny_spec(latent_dir, tmp_path / "run")
     trainer = Trainer(spec)

@@ -42,10 +42,10 @@ def generate_batches(
     device: torch.device,
 ) -> Iterator[tuple[int, dict[int, torch.Tensor]]]:
     """Yield (start, {nfe: NORMALISED latents (b, C, D, H, W) float32 on `device`}) for n samples in batches."""
-    from neuromf.train.periodic import generate_latents
+    from neuromf.meanflow.sampler import sample_for_run
 
     shape = (spec.model.in_channels, *spec.model.spatial_size)
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         noise = sample_noise(seed, start, count, shape).to(device)
-        yield start, {nfe: generate_latents(spec, net, noise, nfe) for nfe in nfes}
+        yield start, {nfe: sample_for_run(spec, net, noise, nfe) for nfe in nfes}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from neuromf.errors import UserError
+from neuromf.spec.renamed import upgrade_saved_config
 from neuromf.spec.schema import RunSpec
 
 Weights = Literal["ema", "online"]
@@ -106,7 +107,7 @@ def load_for_eval(target: Path, map_location: str | torch.device = "cpu") -> Loa
     if not isinstance(config, dict) or "model_state_dict" not in state:
         raise UserError(f"{path}: lacks the run-spec ('config') or the weights ('model_state_dict')")
     try:
-        spec = RunSpec.model_validate(config)
+        spec = RunSpec.model_validate(upgrade_saved_config(config))
     except ValidationError as e:
         problems = [f"{path}: its run-spec does not validate with this version: {'.'.join(map(str, err['loc']))}: {err['msg']}"
                     for err in e.errors()]

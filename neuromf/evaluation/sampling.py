@@ -70,7 +70,7 @@ def write_samples(
     from neuromf.evaluation.jsonio import to_json
     from neuromf.evaluation.runs import latent_stats_for
     from neuromf.model.vae import decode_with, loaded_vae
-    from neuromf.train.samples import nifti_bytes, sample_paths, volume_grid
+    from neuromf.train.sample_files import nifti_bytes, sample_paths, volume_grid
 
     if n < 1:
         raise UserError(f"--n {n}: must be at least 1")

@@ -3,13 +3,14 @@
 Per batch z0 (B samples; the first n_fm = floor(B * data_proportion) have r = t):
 
     z_t = (1 - t) z0 + t e,   h = t - r,   v_c = e - z0
-    u(z, t, h) = (z - net(z, t, h)) / max(t, t_min)          (x-prediction; "u": u = net(z, t, h))
+    u(z, t, h) = (z - net(z, t, h)) / max(t, floor)          (x-prediction; "u": u = net(z, t, h))
     v_tilde = u(z_t, t, 0)                                    gradient pass 1, whole batch
     du/dt = JVP of u at (z_t, t, h) along (sg[v_tilde], 1, 1)  no graph, r != t rows only
     V = u(z_t, t, h) + h * sg[du/dt]                          gradient pass 2, r != t rows only
     L_FM = adaptive(v_tilde - v_c),  L_MF = adaptive(V - v_c), loss_total = L_FM + lambda_mf L_MF
 
-For the r = t rows h = 0, so V = v_tilde there: those rows reuse pass 1 and never enter the JVP.
+with floor = meanflow.denominator_floor (0.05). For the r = t rows h = 0, so V = v_tilde there:
+those rows reuse pass 1 and never enter the JVP.
 (1, 1) is the tangent of (t, h) when t moves with r fixed: dh/dt = 1.
 
 Cost per r != t sample: JVP ~3 forwards (~2 compiled: neuromf/train/compile.py drops PyTorch's
@@ -86,7 +87,7 @@ class MeanFlowLoss:
         out = out.to(z.dtype)
         if self.prediction_type == "u":
             return out
-        denom = t.clamp(min=self.meanflow.t_min).to(z.dtype)
+        denom = t.clamp(min=self.meanflow.denominator_floor).to(z.dtype)
         return (z - out) / denom.view(-1, *([1] * (z.dim() - 1)))
 
     def du_dt(

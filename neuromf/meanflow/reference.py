@@ -44,7 +44,7 @@ def u_function(net: Net, mf: MeanFlowSpec, prediction_type: str, autocast_dtype:
         with torch.autocast(z.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out = net(z, tt, hh)
         out = out.to(z.dtype)
-        return out if prediction_type == "u" else (z - out) / _col(tt.clamp(min=mf.t_min))
+        return out if prediction_type == "u" else (z - out) / _col(tt.clamp(min=mf.denominator_floor))
 
     return u_fn
 

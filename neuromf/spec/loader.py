@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from neuromf.errors import UserError
+from neuromf.spec.renamed import new_name
 from neuromf.spec.schema import RunSpec
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
@@ -256,7 +257,9 @@ def format_validation_error(error: ValidationError) -> list[str]:
     for e in error.errors():
         loc = tuple(e["loc"])
         msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and new_name(loc):
+            msg = f"renamed: use {new_name(loc)}"
+        elif e["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])
             msg = "unknown key"
             if parent is not None:

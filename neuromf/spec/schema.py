@@ -137,7 +137,9 @@ class ModelSpec(Section):
 class MeanFlowSpec(Section):
     """The iMF loss (docs/design.md, 'The method')."""
 
-    t_min: float = Field(0.05, gt=0, lt=1, description="Safe denominator: u = (z_t - x_hat) / max(t, t_min).")
+    denominator_floor: float = Field(
+        0.05, gt=0, lt=1, description="Floor of t in u = (z_t - x_hat) / max(t, denominator_floor), in training and in "
+        "multi-step sampling (formerly meanflow.t_min; unrelated to time_sampling.t_min).")
     norm_eps: float = Field(0.01, gt=0, description="Adaptive weight w = 1 / (l + norm_eps)^norm_p.")
     loss_norm: float = Field(2.0, gt=0, description="p in the per-sample loss sum |Delta|^p.")
     norm_p: float = Field(1.0, ge=0, description="Power of the adaptive weight (0 turns it off).")

@@ -372,7 +372,7 @@ class Trainer:
         self.log.say(f"epoch {epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}")
 
     def _samples(self, epoch: int) -> None:
-        from neuromf.train.periodic import write_periodic_samples
+        from neuromf.train.epoch_samples import write_periodic_samples
 
         self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
         nets = {"ema": self.ema_net, "online": self.net}

@@ -17,6 +17,7 @@ import torch
 
 from neuromf.atomic import remove_stale_temporaries
 from neuromf.errors import UserError
+from neuromf.spec.renamed import upgrade_saved_config
 from neuromf.spec.schema import RunSpec
 from neuromf.train.checkpoint import CheckpointDir, check_resumable, first_line, load_checkpoint
 from neuromf.train.distributed import Dist
@@ -84,7 +85,7 @@ def load_named(path: Path, device: torch.device) -> dict[str, Any]:
 
 def check_compatible(spec: RunSpec, path: Path, state: dict[str, Any]) -> None:
     """The checkpoint belongs to this model and training set (checked before any data is built or packed)."""
-    config = state["config"]
+    config = upgrade_saved_config(state["config"])
     if config["model"] != spec.model.model_dump(mode="json"):
         raise UserError(f"--resume: {path} was trained with a different model section; start a new run_dir")
     old, new = config.get("data", {}), spec.data.model_dump(mode="json")

@@ -1,4 +1,4 @@
-"""Periodic samples during training: fixed noise -> 1- (and multi-) step samples -> de-normalise -> decode -> files.
+"""Samples at the end of a training epoch: fixed noise -> 1- (and multi-) step samples -> de-normalise -> decode -> files.
 
 The noise comes from `sampling.seed` every time, so the grids of different
 epochs show the same draws evolving. The VAE is loaded once per epoch, for all
@@ -23,28 +23,14 @@ def fixed_noise(spec: RunSpec, device: torch.device) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(device)
 
 
-def generate_latents(spec: RunSpec, net: nn.Module, noise: torch.Tensor, nfe: int) -> torch.Tensor:
-    """Normalised latents from `noise` in `nfe` steps, in micro-batches, at the run's precision on noise's device."""
-    from neuromf.meanflow.sampler import sample
-    from neuromf.train.runtime import autocast_dtype
-
-    return sample(
-        net,
-        noise,
-        nfe,
-        prediction_type=spec.model.prediction_type,
-        t_min=spec.meanflow.t_min,
-        autocast_dtype=autocast_dtype(spec, noise.device),
-        batch_size=spec.training.micro_batch_size,
-    )
-
-
 def write_periodic_samples(
     spec: RunSpec, nets: dict[str, nn.Module], stats: Any, epoch: int, device: torch.device
 ) -> Path:
     """Samples of every (weights, nfe) pair the run-spec asks for, under samples/epoch_N/."""
+    from neuromf.device import autocast_dtype
+    from neuromf.meanflow.sampler import sample_for_run
     from neuromf.model.vae import decode_with, loaded_vae
-    from neuromf.train.samples import epoch_sample_dir, write_sample_set
+    from neuromf.train.sample_files import epoch_sample_dir, write_sample_set
 
     noise = fixed_noise(spec, device)
     latents = {}
@@ -52,14 +38,14 @@ def write_periodic_samples(
         was_training = net.training
         net.eval()
         for nfe in spec.sampling.nfe:
-            latents[f"{weights}_nfe{nfe}"] = stats.denormalise(generate_latents(spec, net, noise, nfe)).cpu()
+            latents[f"{weights}_nfe{nfe}"] = stats.denormalise(sample_for_run(spec, net, noise, nfe)).cpu()
         net.train(was_training)
 
     if spec.vae.decoder == "identity":
         volumes = latents
     else:
         with loaded_vae(spec.vae, spec.paths.vae_weights, device) as vae:
-            volumes = {label: decode_with(vae, z, spec.vae) for label, z in latents.items()}
+            volumes = {label: decode_with(vae, z, spec.vae, autocast_dtype(spec, device)) for label, z in latents.items()}
 
     folder = epoch_sample_dir(spec.paths.run_dir, epoch)
     for label, z in latents.items():
