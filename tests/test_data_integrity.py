@@ -159,7 +159,7 @@ def test_damaged_shard_is_caught_by_the_checksum_and_by_the_batch_check(tmp_path
 
 
 def test_absurd_value_in_a_folder_source_names_the_file(tmp_path: Path) -> None:
-    from neuromf.data.loader import prepare_data
+    from neuromf.data.prepare import prepare_data
     from neuromf.errors import UserError
     from neuromf.spec import runspec_from_dict
 

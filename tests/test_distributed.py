@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from neuromf.data.demo import build_demo_dataset
-from neuromf.data.loader import prepare_data
+from neuromf.data.prepare import prepare_data
 from neuromf.errors import UserError
 from neuromf.model.unet import perturb_zero_init
 from neuromf.spec import RunSpec, runspec_from_dict

@@ -142,7 +142,7 @@ def test_verify_says_which_fid_it_used(tiny_run: Path, tmp_path: Path, capsys: p
 
 
 def test_periodic_evaluation_logs_a_fid_or_skips_with_a_reason(tiny_run: Path, tmp_path: Path) -> None:
-    from neuromf.data.loader import prepare_data
+    from neuromf.data.prepare import prepare_data
     from neuromf.evaluation.runs import load_for_eval
     from neuromf.train.periodic_eval import periodic_evaluation
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _latent_data import SHAPE, make_latent, write_latents, write_stats_json
-from neuromf.data.loader import LatentData, TrainBatches, available_host_memory, choose_residency, prepare_data
+from neuromf.data.prepare import LatentData, TrainBatches, available_host_memory, choose_residency, prepare_data
 from neuromf.data.shard import read_shard_info
 from neuromf.data.meta import LatentMeta
 from neuromf.data.split import split_subjects

@@ -72,7 +72,7 @@ def test_pack_then_train_on_upstream_shards(tmp_path: Path) -> None:
 
 def test_source_folder_of_upstream_shards(tmp_path: Path) -> None:
     """data.source 'folder' reads upstream slots directly (no shard)."""
-    from neuromf.data.loader import prepare_data
+    from neuromf.data.prepare import prepare_data
     from neuromf.spec import runspec_from_dict
 
     written = _upstream_folder(tmp_path / "lat")

@@ -114,7 +114,7 @@ class BenchSetup:
             self.make_batches: Callable[[], Any] = lambda: _SyntheticBatches(shape, self.batch_size, self.device, tr.seed, latents)
             self.residency = "synthetic (on the device)"
         elif options.data == "spec":
-            from neuromf.data.loader import prepare_data
+            from neuromf.data.prepare import prepare_data
 
             self.data = prepare_data(spec, self.device, progress=False)
             self.make_batches = lambda: self.data.train_batches(self.batch_size)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if _is_spec(args.source):
         if args.out is not None:
             raise UserError(f"{args.out}: with a run-spec the shard is data.shard; give either SPEC or SRC_DIR OUT.h5")
-        from neuromf.data.loader import default_shard_path, latent_source_dir
+        from neuromf.data.prepare import default_shard_path, latent_source_dir
         from neuromf.spec import load_runspec
 
         spec = load_runspec(args.source, args.overrides)

@@ -81,7 +81,7 @@ def source_problems(spec: RunSpec) -> list[str]:
 
 def split_of(spec: RunSpec):  # -> Optional[Split]
     """The subject-level split the run would train on, when the data can be read without packing; else None."""
-    from neuromf.data.loader import default_shard_path
+    from neuromf.data.prepare import default_shard_path
     from neuromf.data.scan import folder_metas
     from neuromf.data.shard import read_shard_info
     from neuromf.data.split import split_subjects

@@ -146,7 +146,8 @@ class TrainBatches:
     Epoch e visits the training set in the permutation seeded by (seed, e). With
     world_size > 1 every rank shares that permutation; global batch p of epoch e
     is positions [p * B * W, (p + 1) * B * W) and rank r takes its r-th block of B.
-    Flips (flip_lr) are drawn from a generator seeded by (seed, epoch, position),
+    Flips (flip_lr) mirror spatial axis `flip_axis` (data.flip_axis; its default 0 = D is left-right for RAS-ordered
+    latents) and are drawn from a generator seeded by (seed, epoch, position),
     so they too follow from the state. `position` counts the batches already
     delivered in `epoch`; the call after an epoch's last batch starts the next epoch.
     """
@@ -161,7 +162,7 @@ class TrainBatches:
         *,
         seed: int,
         flip_lr: bool = False,
-        flip_axis: int = 2,
+        flip_axis: int,  # no default here: the run-spec's data.flip_axis is the one
         rank: int = 0,
         world_size: int = 1,
         names_digest: str = "",

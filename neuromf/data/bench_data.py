@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import torch
 
-from neuromf.data.loader import prepare_data
+from neuromf.data.prepare import prepare_data
 from neuromf.data.pack import pack_latents
 from neuromf.data.shard import ShardReader, read_shard, read_shard_info
 from neuromf.spec import runspec_from_dict

@@ -29,7 +29,7 @@ def capacity_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
     from neuromf.bench.measure import _status_bytes
-    from neuromf.data.loader import available_host_memory
+    from neuromf.data.prepare import available_host_memory
 
     return available_host_memory() + _status_bytes("VmRSS:")
 

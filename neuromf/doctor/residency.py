@@ -14,7 +14,7 @@ __all__ = ["check_residency"]
 
 def check_residency(ctx: DoctorContext) -> CheckResult:
     from neuromf.cli.validate import count_latents
-    from neuromf.data.loader import available_host_memory, choose_residency
+    from neuromf.data.prepare import available_host_memory, choose_residency
 
     spec = ctx.spec
     n = count_latents(spec)

@@ -92,7 +92,7 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
     from tqdm import tqdm
 
     from neuromf.atomic import atomic_write_text
-    from neuromf.data.loader import prepare_data
+    from neuromf.data.prepare import prepare_data
     from neuromf.evaluation.featurize import held_out_split
     from neuromf.evaluation.generate import generate_batches
     from neuromf.evaluation.jsonio import to_json

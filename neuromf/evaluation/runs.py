@@ -137,7 +137,7 @@ def latent_stats_for(loaded: LoadedCheckpoint) -> Any:
     latent_stats.json, as the run-spec's data section says.
     """
     from neuromf.data.latents import stats_file_beside
-    from neuromf.data.loader import default_shard_path, ensure_shard, latent_source_dir
+    from neuromf.data.prepare import default_shard_path, ensure_shard, latent_source_dir
     from neuromf.data.shard import read_shard_info
     from neuromf.data.stats import LatentStats
 

@@ -35,7 +35,7 @@ GRID_N = 16  # rows of a grid; a 500-row PNG would be 80,000 pixels tall
 
 def _check_memory(n: int, nfes: Sequence[int], loaded: LoadedCheckpoint) -> None:
     """N larger than possible: the latents of all NFEs are held until written; refuse what cannot fit in RAM."""
-    from neuromf.data.loader import available_host_memory
+    from neuromf.data.prepare import available_host_memory
 
     per = 4 * loaded.spec.model.in_channels * int(np.prod(loaded.spec.model.spatial_size))
     need = n * len(nfes) * per

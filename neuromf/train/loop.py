@@ -90,7 +90,7 @@ class Trainer:
     """Holds the run's objects; `run()` is the loop. Split into methods only where a step has a name."""
 
     def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, verify_data: bool = False) -> None:
-        from neuromf.data.loader import check_run_data, prepare_data
+        from neuromf.data.prepare import check_run_data, prepare_data
         from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.meanflow.time_sampler import num_flow_matching
         from neuromf.model.unet import build_network, set_gradient_checkpointing

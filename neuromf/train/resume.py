@@ -99,7 +99,7 @@ def check_compatible(spec: RunSpec, path: Path, state: dict[str, Any]) -> None:
 def _check_latent_folder(spec: RunSpec, path: Path, state: dict[str, Any]) -> None:
     """Refuse before repacking when the latent folder now holds another set of names than the checkpoint's."""
     from neuromf.data.batches import names_digest
-    from neuromf.data.loader import default_shard_path
+    from neuromf.data.prepare import default_shard_path
     from neuromf.data.scan import folder_metas
     from neuromf.data.shard import read_shard_info
     from neuromf.data.sources import list_source_files, source_fingerprint

@@ -156,8 +156,8 @@ class LatentData:
     device: torch.device
     shard: Optional[Path]  # None for source 'folder'
     seed: int
+    flip_axis: int  # data.flip_axis: the run-spec holds the one default
     flip_lr: bool = False
-    flip_axis: int = 2
     test_names: list[str] = field(default_factory=list)
     split: Optional[Split] = None
     _train: Rows = field(default=None, repr=False)  # type: ignore[assignment]
