@@ -71,6 +71,16 @@ def test_bf16_checks_pass_and_a_wrong_convolution_fails(tmp_path: Path) -> None:
     assert "\n" not in bad.line()
 
 
+def test_bf16_with_device_auto_on_a_cpu_machine_is_checked_as_fp32(tmp_path: Path) -> None:
+    """The doctor asks the same question as training: bf16 + device auto without a GPU computes in fp32."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    ctx = DoctorContext.build(_spec(tmp_path, "hardware.device=auto", "training.precision=bf16"))
+    assert ctx.device.type == "cpu" and ctx.dtype is None
+    assert check_conv3d_bf16(ctx).ok is None and check_forward_bf16(ctx).ok is None  # skipped: nothing runs in bf16
+    assert "at fp32" in check_jvp(ctx).summary
+
+
 def test_a_wrong_jvp_fails(tmp_path: Path) -> None:
     ctx = DoctorContext.build(_spec(tmp_path))
     assert check_jvp(ctx).ok is True
