@@ -1,1 +1,1 @@
-"""The iMF method: (t, r) sampling, the exact-JVP MeanFlow loss, and one- and multi-step samplers."""
+"""The iMF method: (t, r) sampling, the exact-JVP MeanFlow loss, and the one- and multi-step sampler."""
