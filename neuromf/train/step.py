@@ -10,29 +10,23 @@ uninterrupted one drew.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import nullcontext
 from typing import Any, Callable, Optional, Union
 
 import torch
 
+from neuromf.seeding import derived_generator
 from neuromf.spec.schema import RunSpec
 from neuromf.train.distributed import Dist
 
-__all__ = ["ComputeFn", "NoiseSource", "VAL_KEYS", "chunk_generator", "derived_generator", "train_step", "validation_losses"]
+__all__ = ["ComputeFn", "NoiseSource", "VAL_KEYS", "chunk_generator", "train_step", "validation_losses"]
 
 # loss.compute(net, z0, e, t, r, grad_net=..., autocast_dtype=...): the pure part of the loss, eager or compiled
 ComputeFn = Callable[..., dict[str, torch.Tensor]]
 # Where a step's (e, t, r) come from: one generator drawn in turn, or micro-batch index -> its own generator.
 NoiseSource = Union[torch.Generator, Callable[[int], torch.Generator]]
 VAL_KEYS = ("loss_total", "loss_fm", "loss_mf", "mse_fm", "mse_mf")
-
-
-def derived_generator(device: torch.device, *parts: object) -> torch.Generator:
-    """A generator on `device` seeded by a hash of `parts` (independent streams, not consecutive seeds)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
