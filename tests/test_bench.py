@@ -161,7 +161,7 @@ TWO_LEVELS: dict[str, Any] = dict(channels=[8, 16], attention_levels=[False, Tru
 
 def _same_inputs(**net_overrides: Any) -> tuple[nn.Module, MeanFlowLoss, tuple[torch.Tensor, ...]]:
     net = tiny_net(**net_overrides)
-    loss = MeanFlowLoss(MeanFlowSpec(), TimeSamplingSpec(), "x", check_finite=False)
+    loss = MeanFlowLoss(MeanFlowSpec(), TimeSamplingSpec(), "x")
     g = torch.Generator().manual_seed(7)
     z0 = torch.randn((4, 4, *net_overrides.get("spatial_size", (16, 16, 16))), generator=g)
     return net, loss, (z0, *loss.draw(z0, g))

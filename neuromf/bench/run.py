@@ -124,8 +124,8 @@ class BenchSetup:
         torch.manual_seed(tr.seed)
         self.base = build_network(spec.model).to(self.device)
         self.parameters = count_parameters(self.base)
-        # The trainer's loss object (no finiteness check: the step skips non-finite updates instead).
-        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
+        # The trainer's loss object.
+        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type)
         bound = dict(mf=spec.meanflow, prediction_type=spec.model.prediction_type)
         self.math: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
             "naive": functools.partial(naive_imf_loss, **bound),
@@ -137,7 +137,7 @@ class BenchSetup:
         proportion = options.predecessor.data_proportion
         self.draw_loss = {"predecessor": self.loss if proportion is None else MeanFlowLoss(
             spec.meanflow, spec.time_sampling.model_copy(update={"data_proportion": proportion}),
-            spec.model.prediction_type, check_finite=False)}
+            spec.model.prediction_type)}
         self.flops: dict[str, int] = {}
 
     def forward_flops_per_latent(self) -> Optional[int]:

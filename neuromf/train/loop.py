@@ -130,8 +130,7 @@ class Trainer:
                 self.net, spec.model.init_from, spacing_mm=spec.model.init_spacing_mm, class_label=spec.model.init_class_label
             )
         set_gradient_checkpointing(self.net, spec.training.gradient_checkpointing)  # gradient passes only, never the JVP
-        # NaN/Inf batches become skipped steps here (the loss's own check would stop the run).
-        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
+        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type)
         self.compute: ComputeFn = self.loss.compute
         # Every rank keeps the EMA: the weights are the same on all, so are the averages, and sharded
         # validation of the EMA needs no broadcast.
