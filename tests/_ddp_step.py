@@ -19,7 +19,7 @@ import torch
 
 
 def main(spec_path: str, out_dir: str, variants: list[str]) -> None:
-    from neuromf.meanflow.reference import naive_imf_loss
+    from neuromf.bench.reference import naive_imf_loss
     from neuromf.model.unet import perturb_zero_init
     from neuromf.spec import load_runspec
     from neuromf.train.loop import Trainer

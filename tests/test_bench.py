@@ -15,9 +15,10 @@ from torch import nn
 
 from imf_tiny import tiny_net
 from neuromf.bench import BenchOptions, bench
-from neuromf.bench.measure import MemoryMeter, count_flops, lookup_peak_tflops
+from neuromf.bench.measure import count_flops, lookup_peak_tflops
+from neuromf.doctor.meter import MemoryMeter
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.meanflow.reference import naive_imf_loss
+from neuromf.bench.reference import naive_imf_loss
 from neuromf.model.unet import set_gradient_checkpointing
 from neuromf.spec import load_runspec
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec

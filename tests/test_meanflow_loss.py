@@ -15,7 +15,7 @@ from torch import nn
 
 from imf_tiny import tiny_net
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.meanflow.reference import naive_imf_loss  # noqa: F401  (the memory child imports it from here)
+from neuromf.bench.reference import naive_imf_loss  # noqa: F401  (the memory child imports it from here)
 from neuromf.meanflow.time_sampler import num_flow_matching
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
 from neuromf.train.compile import FoldZeroTangentProducts

@@ -96,7 +96,7 @@ class BenchSetup:
 
     def __init__(self, spec: RunSpec, options: BenchOptions) -> None:
         from neuromf.meanflow.loss import MeanFlowLoss
-        from neuromf.meanflow.reference import flow_matching_loss, naive_imf_loss
+        from neuromf.bench.reference import flow_matching_loss, naive_imf_loss
         from neuromf.model.unet import build_network, count_parameters
         from neuromf.train.runtime import autocast_dtype, configure_torch, pick_device
 

@@ -28,15 +28,15 @@ def capacity_bytes(device: torch.device) -> int:
     """What this process can use: on a GPU, free memory plus what our allocator holds; on a CPU, RAM available plus our RSS."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
-    from neuromf.bench.measure import _status_bytes
+    from neuromf.doctor.meter import status_bytes
     from neuromf.data.loader import available_host_memory
 
-    return available_host_memory() + _status_bytes("VmRSS:")
+    return available_host_memory() + status_bytes("VmRSS:")
 
 
 def step_peak(ctx: DoctorContext, n: int, checkpointing: bool) -> dict[str, int]:
     """{"before": bytes in use before the step, "peak": the step's own peak} of one eager step of `n` latents."""
-    from neuromf.bench.measure import MemoryMeter
+    from neuromf.doctor.meter import MemoryMeter
     from neuromf.model.unet import set_gradient_checkpointing
     from neuromf.train.schedule import build_optimizer
     from neuromf.train.step import train_step
