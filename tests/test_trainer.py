@@ -223,6 +223,28 @@ def test_resume_from_a_missing_path_is_a_clear_error(latent_dir: Path, tmp_path:
     assert "--resume: " in capsys.readouterr().err
 
 
+def test_a_failed_compile_is_said_once_and_the_step_is_redone_eagerly(latent_dir: Path, tmp_path: Path) -> None:
+    """A torch.compile that fails at the first step (e.g. no C compiler) costs the run nothing: one event,
+    then the same step eagerly, with the same result as a run that never compiled."""
+    spec = tiny_spec(latent_dir, tmp_path / "run")
+    eager = Trainer(spec)
+    _, expected = eager.train_step(eager.batches.next_batch())
+    eager.log.close()
+    trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run2"))
+
+    def failed_compile(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(more lines)")
+
+    trainer.compute = failed_compile
+    applied, metrics = trainer._train_step_or_eager(trainer.batches.next_batch())
+    assert applied and trainer.compute == trainer.loss.compute and trainer.progress.global_step == 1
+    assert float(metrics["loss_total"]) == float(expected["loss_total"])
+    trainer._train_step_or_eager(trainer.batches.next_batch())
+    trainer.log.close()
+    events = [r["event"] for r in read_log(tmp_path / "run2") if "event" in r]
+    assert events == ["torch.compile failed (RuntimeError: InductorError: CppCompileError: C++ compile error); falling back to eager"]
+
+
 # ---------------------------------------------------------------- NaN / Inf
 
 

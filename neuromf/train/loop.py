@@ -77,7 +77,7 @@ def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> t
 
 
 class Trainer:
-    """Holds the run's objects; `run()` is the loop. Split into methods only where a step has a name."""
+    """Holds the run's objects; `run()` is the loop, `train_step()` one optimizer step."""
 
     def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, verify_data: bool = False) -> None:
         from neuromf.data.loader import check_run_data, prepare_data
