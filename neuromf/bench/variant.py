@@ -82,7 +82,7 @@ def _error_text(e: BaseException) -> str:
 
 
 class VariantRun:
-    """One variant: its copy of the network, optimizer, (compiled) loss, batch iterator, generator and timings."""
+    """One variant: its trainer (copy of the network, AdamW, schedule, EMA, (compiled) loss), batch iterator and timings."""
 
     def __init__(self, b: BenchSetup, name: str) -> None:
         from neuromf.model.unet import set_gradient_checkpointing
