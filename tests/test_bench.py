@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,14 @@ def test_peak_table() -> None:
     assert lookup_peak_tflops("NVIDIA H200", "bf16") == (989.5, "H200")
     assert lookup_peak_tflops("NVIDIA A100-SXM4-40GB", "tf32") == (156.0, "A100")
     assert lookup_peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
+
+
+def test_no_product_module_imports_the_benchmark() -> None:
+    """The benchmark adapts to the trainer, not the other way round: only neuromf/bench and the `bench` verb import it."""
+    package = REPO / "neuromf"
+    importers = [str(p.relative_to(REPO)) for p in sorted(package.rglob("*.py"))
+                 if package / "bench" not in p.parents and p != package / "cli" / "bench.py"
+                 and re.search(r"^\s*(from|import) neuromf\.bench\b", p.read_text(), re.MULTILINE)]
+    assert importers == []
+    assert re.search(r"^\s*from neuromf\.bench", (package / "cli" / "bench.py").read_text(), re.MULTILINE)  # the check sees imports
+
