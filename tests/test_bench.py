@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ from torch import nn
 
 from imf_tiny import tiny_net
 from neuromf.bench import BenchOptions, bench
-from neuromf.bench.measure import MemoryMeter, count_flops, lookup_peak_tflops
+from neuromf.bench.measure import count_flops, lookup_peak_tflops
+from neuromf.doctor.meter import MemoryMeter
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.meanflow.reference import naive_imf_loss
+from neuromf.bench.reference import naive_imf_loss
 from neuromf.model.unet import set_gradient_checkpointing
 from neuromf.spec import load_runspec
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
@@ -161,7 +163,7 @@ TWO_LEVELS: dict[str, Any] = dict(channels=[8, 16], attention_levels=[False, Tru
 
 def _same_inputs(**net_overrides: Any) -> tuple[nn.Module, MeanFlowLoss, tuple[torch.Tensor, ...]]:
     net = tiny_net(**net_overrides)
-    loss = MeanFlowLoss(MeanFlowSpec(), TimeSamplingSpec(), "x", check_finite=False)
+    loss = MeanFlowLoss(MeanFlowSpec(), TimeSamplingSpec(), "x")
     g = torch.Generator().manual_seed(7)
     z0 = torch.randn((4, 4, *net_overrides.get("spatial_size", (16, 16, 16))), generator=g)
     return net, loss, (z0, *loss.draw(z0, g))
@@ -223,3 +225,14 @@ def test_peak_table() -> None:
     assert lookup_peak_tflops("NVIDIA H200", "bf16") == (989.5, "H200")
     assert lookup_peak_tflops("NVIDIA A100-SXM4-40GB", "tf32") == (156.0, "A100")
     assert lookup_peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
+
+
+def test_no_product_module_imports_the_benchmark() -> None:
+    """The benchmark adapts to the trainer, not the other way round: only neuromf/bench and the `bench` verb import it."""
+    package = REPO / "neuromf"
+    importers = [str(p.relative_to(REPO)) for p in sorted(package.rglob("*.py"))
+                 if package / "bench" not in p.parents and p != package / "cli" / "bench.py"
+                 and re.search(r"^\s*(from|import) neuromf\.bench\b", p.read_text(), re.MULTILINE)]
+    assert importers == []
+    assert re.search(r"^\s*from neuromf\.bench", (package / "cli" / "bench.py").read_text(), re.MULTILINE)  # the check sees imports
+

@@ -239,7 +239,7 @@ def test_one_step_of_two_processes_equals_one_process_and_a_bypass_diverges(late
     # One process, the same global batch as 2 micro-batches of 2, the same start.
     trainer = Trainer(spec_of(ddp_raw(latent_dir, tmp_path / "one", 1)))
     perturb_zero_init(trainer.net, generator=torch.Generator().manual_seed(0))
-    applied, _ = trainer._step(trainer.batches.next_batch())
+    applied, _ = trainer.train_step(trainer.batches.next_batch())
     assert applied
     one = {"grads": {n: p.grad for n, p in trainer.net.named_parameters()}, "params": trainer.net.state_dict()}
     trainer.log.close()

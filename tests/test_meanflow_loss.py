@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from imf_tiny import tiny_net
-from neuromf.errors import UserError
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.meanflow.reference import naive_imf_loss  # noqa: F401  (the memory child imports it from here)
+from neuromf.bench.reference import naive_imf_loss  # noqa: F401  (the memory child imports it from here)
 from neuromf.meanflow.time_sampler import num_flow_matching
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
 from neuromf.train.compile import FoldZeroTangentProducts
@@ -242,12 +241,13 @@ def test_finite_with_bf16_autocast_and_close_to_fp32() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_is_a_named_error(bad: float) -> None:
+def test_non_finite_input_gives_a_non_finite_loss(bad: float) -> None:
+    """The loss does not check its input: damaged latents are named by the data loader (data/batches.py,
+    check_values), and a non-finite loss makes the trainer skip the step (test_trainer.py, the poisoned batch)."""
     net = tiny_net()
     z0 = torch.randn((3, *SMALL))
     z0[1, 0, 2, 3, 4] = bad
-    with pytest.raises(UserError, match=r"z0 \(the batch of latents\).*(NaN|Inf).*rows \[1\]"):
-        make_loss()(net, z0, torch.Generator().manual_seed(0))
+    assert not torch.isfinite(make_loss()(net, z0, torch.Generator().manual_seed(0))["loss_total"])
 
 
 @pytest.mark.slow
@@ -256,7 +256,7 @@ def test_torch_compile_of_the_loss_step_matches_eager(tmp_path: Path) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     # two levels (GroupNorm, ResBlocks, resblock up/down sampling, attention) keep the cold compile short
     net = tiny_net(channels=[8, 16], attention_levels=[False, True], num_head_channels=[0, 16], spatial_size=(8, 8, 8))
-    loss = MeanFlowLoss(MeanFlowSpec(), TimeSamplingSpec(), "x", check_finite=False)
+    loss = MeanFlowLoss(MeanFlowSpec(), TimeSamplingSpec(), "x")
     z0, e, t, r = batch_and_draw(loss, 4, shape=SMALL)
 
     def step(z0: torch.Tensor, e: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> dict[str, torch.Tensor]:

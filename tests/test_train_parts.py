@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -37,12 +38,20 @@ def test_ema_follows_the_closed_form() -> None:
     assert decay_for_half_life(10) ** 10 == pytest.approx(0.5)
 
 
-def test_ema_is_fp32_and_copy_carries_it() -> None:
+def test_ema_is_fp32_and_loads_into_the_frozen_copy() -> None:
     net = torch.nn.Linear(3, 2).to(torch.bfloat16)
     ema = EMA(net)
     assert all(v.dtype == torch.float32 for v in ema.state_dict().values())
-    copy = EMA(torch.nn.Linear(3, 2)).copy_into(torch.nn.Linear(3, 2))
-    assert not any(p.requires_grad for p in copy.parameters())
+    # what the trainer does: a frozen copy of the network, loaded with the averages before validation and samples
+    online = torch.nn.Linear(3, 2)
+    ema = EMA(online)
+    ema_net = copy.deepcopy(online).eval().requires_grad_(False)
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    ema.update(online)
+    ema_net.load_state_dict(ema.state_dict(), strict=False)
+    assert torch.equal(ema_net.weight, ema.state_dict()["weight"]) and not torch.equal(ema_net.weight, online.weight)
+    assert not any(p.requires_grad for p in ema_net.parameters())
 
 
 def test_warmup_then_cosine() -> None:

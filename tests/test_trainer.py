@@ -21,7 +21,7 @@ from neuromf.data.demo import build_demo_dataset
 from neuromf.model.unet import perturb_zero_init
 from neuromf.spec import RunSpec, runspec_from_dict
 from neuromf.train.checkpoint import load_checkpoint
-from neuromf.train.loop import Trainer, train, train_step
+from neuromf.train.loop import Trainer, train
 from neuromf.train.signals import REQUEUE_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,15 +96,14 @@ def test_lightning_module_init(latent_dir: Path, tmp_path: Path) -> None:
 
 def test_training_step_runs(latent_dir: Path, tmp_path: Path) -> None:
     trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run"))
-    applied, metrics = trainer._step(trainer.batches.next_batch())
+    applied, metrics = trainer.train_step(trainer.batches.next_batch())
     assert applied and math.isfinite(float(metrics["loss_total"])) and float(metrics["grad_norm"]) > 0
 
 
 def test_training_step_gradients_flow(latent_dir: Path, tmp_path: Path) -> None:
     trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run"))
     perturb_zero_init(trainer.net, generator=torch.Generator().manual_seed(0))  # MONAI zero-inits output convs
-    trainer.optimizer.step = lambda *a, **k: None  # keep the gradients for inspection
-    trainer._step(trainer.batches.next_batch())
+    trainer.train_step(trainer.batches.next_batch())  # the gradients stay until the next step zeroes them
     missing = [n for n, p in trainer.net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert missing == []
 
@@ -113,8 +112,7 @@ def test_ema_updates(latent_dir: Path, tmp_path: Path) -> None:
     trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run"))
     start = {k: v.clone() for k, v in trainer.net.state_dict().items()}
     for _ in range(5):
-        trainer._step(trainer.batches.next_batch())
-        trainer.ema.update(trainer.net)
+        trainer.train_step(trainer.batches.next_batch())  # AdamW, then the EMA update
     ema, online = trainer.ema.state_dict(), trainer.net.state_dict()
     moved = [k for k in ema if not torch.equal(ema[k], start[k])]
     assert moved, "EMA did not move"
@@ -125,9 +123,7 @@ def test_checkpoint_save_load(latent_dir: Path, tmp_path: Path) -> None:
     spec = tiny_spec(latent_dir, tmp_path / "run")
     trainer = Trainer(spec)
     for _ in range(3):
-        trainer._step(trainer.batches.next_batch())
-        trainer.ema.update(trainer.net)
-        trainer.progress.global_step += 1
+        trainer.train_step(trainer.batches.next_batch())  # AdamW, schedule, EMA, global_step
     path = trainer.save_latest()
     trainer.log.close()
     restored = Trainer(spec, resume=str(path))
@@ -147,12 +143,12 @@ def test_resume_loss_continuity(latent_dir: Path, tmp_path: Path) -> None:
     spec = tiny_spec(latent_dir, tmp_path / "run")
     trainer = Trainer(spec)
     for _ in range(3):
-        trainer._step(trainer.batches.next_batch())
+        trainer.train_step(trainer.batches.next_batch())
     path = trainer.save_latest()
-    _, uninterrupted = trainer._step(trainer.batches.next_batch())
+    _, uninterrupted = trainer.train_step(trainer.batches.next_batch())
     trainer.log.close()
     resumed = Trainer(spec, resume=str(path))
-    _, after_resume = resumed._step(resumed.batches.next_batch())
+    _, after_resume = resumed.train_step(resumed.batches.next_batch())
     assert float(after_resume["loss_total"]) == pytest.approx(float(uninterrupted["loss_total"]), rel=1e-6)
 
 
@@ -225,6 +221,28 @@ def test_resume_from_a_missing_path_is_a_clear_error(latent_dir: Path, tmp_path:
     spec = write_spec(latent_dir, tmp_path / "run")
     assert main(["train", str(spec), "--resume", str(tmp_path / "nope.pt")]) == 2
     assert "--resume: " in capsys.readouterr().err
+
+
+def test_a_failed_compile_is_said_once_and_the_step_is_redone_eagerly(latent_dir: Path, tmp_path: Path) -> None:
+    """A torch.compile that fails at the first step (e.g. no C compiler) costs the run nothing: one event,
+    then the same step eagerly, with the same result as a run that never compiled."""
+    spec = tiny_spec(latent_dir, tmp_path / "run")
+    eager = Trainer(spec)
+    _, expected = eager.train_step(eager.batches.next_batch())
+    eager.log.close()
+    trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run2"))
+
+    def failed_compile(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(more lines)")
+
+    trainer.compute = failed_compile
+    applied, metrics = trainer._train_step_or_eager(trainer.batches.next_batch())
+    assert applied and trainer.compute == trainer.loss.compute and trainer.progress.global_step == 1
+    assert float(metrics["loss_total"]) == float(expected["loss_total"])
+    trainer._train_step_or_eager(trainer.batches.next_batch())
+    trainer.log.close()
+    events = [r["event"] for r in read_log(tmp_path / "run2") if "event" in r]
+    assert events == ["torch.compile failed (RuntimeError: InductorError: CppCompileError: C++ compile error); falling back to eager"]
 
 
 # ---------------------------------------------------------------- NaN / Inf

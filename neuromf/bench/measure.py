@@ -1,19 +1,11 @@
-"""What `neuromf bench` measures with: clocks, memory meters, the FLOP counter, and the devices' peak FLOP/s.
+"""What `neuromf bench` measures with: clocks, the FLOP counter, and the devices' peak FLOP/s.
 
 Clocks: on a GPU, CUDA events around the data fetch and the step, synchronised
 at the end of every step (the step syncs once anyway, to skip non-finite
 updates); on a CPU, time.perf_counter, and the process's CPU time of the step
 (time.process_time), which other jobs on a shared machine barely change.
 
-Memory: on a GPU, the caching allocator's statistics (peak allocated, peak
-reserved) around one step. A CPU has no allocator statistics, and the process's
-peak RSS (ru_maxrss) only ever grows, so it cannot tell one variant from the
-next. Instead, before the measured step glibc's free heap is handed back to the
-kernel (malloc_trim) and the kernel's peak-RSS mark is reset to the current RSS
-(writing 5 to /proc/self/clear_refs resets VmHWM); after the step, VmHWM minus
-the RSS before it is the step's own peak: activations, gradients, temporaries,
-and the heap fragmentation glibc really costs. Where /proc/self/clear_refs
-cannot be written, only the lifetime ru_maxrss is reported and the method says so.
+Memory: neuromf/doctor/meter.py (MemoryMeter, shared with `neuromf doctor`).
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one eager step (matmuls,
 convolutions and attention, forward, forward-mode and backward); counted once,
@@ -22,17 +14,15 @@ outside the timed steps.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 import platform
-import resource
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from neuromf.doctor.meter import MemoryMeter
 
 __all__ = [
     "MemoryMeter", "PEAK_TFLOPS", "StepClock", "count_flops", "describe_device", "lookup_peak_tflops", "peak_flops",
@@ -168,60 +158,3 @@ class StepClock:
             c.synchronize()
             return a.elapsed_time(b) / 1e3, b.elapsed_time(c) / 1e3, None
         return b - a, c - b, cpu
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
-
-
-@dataclass
-class MemoryMeter:
-    """Peak memory of the code between start() and stop() (see the module docstring)."""
-
-    device: torch.device
-    _before: int = 0
-    _resettable: Optional[bool] = None
-
-    def _reset_rss_peak(self) -> bool:
-        try:
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the kernel: RSS ~ live memory
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-            return True
-        except OSError:
-            return False
-
-    @property
-    def in_use_at_start(self) -> int:
-        """Bytes in use at start() (GPU: allocated; CPU: resident set; 0 where the RSS peak cannot be reset)."""
-        return self._before
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
-            return
-        self._resettable = self._reset_rss_peak()
-        self._before = _status_bytes("VmRSS:") if self._resettable else 0
-
-    def stop(self) -> dict[str, Any]:
-        """peak_step_bytes: the peak above the memory in use at start(); peak_total_bytes: the absolute peak."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            return {"peak_step_bytes": peak - self._before, "peak_total_bytes": peak,
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
-                    "mem_method": "CUDA caching allocator: max_memory_allocated (reset before the step)"}
-        if self._resettable:
-            peak = _status_bytes("VmHWM:")
-            return {"peak_step_bytes": peak - self._before, "peak_total_bytes": peak,
-                    "mem_method": "peak RSS of one step: malloc_trim, VmHWM reset via /proc/self/clear_refs, VmHWM - VmRSS before"}
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return {"peak_step_bytes": None, "peak_total_bytes": maxrss,
-                "mem_method": "ru_maxrss: process lifetime, not separable per variant (/proc/self/clear_refs not writable)"}

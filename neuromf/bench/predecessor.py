@@ -13,7 +13,7 @@ Backward runs through the JVP's graph (its primal u); there is no separate flow-
 the r = t rows V = u, which is what supervises the instantaneous velocity). Its run configuration
 used norm_eps 1.0 and data_proportion 0.5 (half the batch with r = t): `PredecessorOptions`.
 
-The difference from `naive` (neuromf/meanflow/reference.py): naive builds v_tilde with a graph and
+The difference from `naive` (neuromf/bench/reference.py): naive builds v_tilde with a graph and
 adds NeuroMF's L_FM term, one more forward and backward than the predecessor ever ran.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from neuromf.meanflow.reference import u_function
+from neuromf.bench.reference import u_function
 from neuromf.model.unet import math_attention
 from neuromf.spec.schema import MeanFlowSpec
 

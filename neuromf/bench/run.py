@@ -1,9 +1,10 @@
 """`neuromf bench`: time whole optimizer steps of one or several step variants on the same inputs.
 
-Every variant runs the trainer's own `train_step` (micro-batches, backward,
-clipping, AdamW) on its own copy of one freshly built network, with the same
-batches (a fresh batch iterator of the same data order) and the same noise and
-times (a generator reseeded with training.seed); only the loss function and its
+Every variant runs the trainer's own step, `Trainer.train_step` (micro-batches,
+backward, clipping, NaN/Inf guard, AdamW, LR schedule, EMA), on its own copy of one
+freshly built network, with the same batches (a fresh batch iterator of the same
+data order) and the same noise and times (the trainer's: a function of
+training.seed, the step and the micro-batch); only the loss function and its
 compilation differ:
 
     predecessor  the predecessor's actual step: no-grad v_tilde, whole-batch graph-building JVP, L_MF only, eager
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -96,7 +96,7 @@ class BenchSetup:
 
     def __init__(self, spec: RunSpec, options: BenchOptions) -> None:
         from neuromf.meanflow.loss import MeanFlowLoss
-        from neuromf.meanflow.reference import flow_matching_loss, naive_imf_loss
+        from neuromf.bench.reference import as_compute, flow_matching_loss, naive_imf_loss
         from neuromf.model.unet import build_network, count_parameters
         from neuromf.device import autocast_dtype, pick_device
         from neuromf.train.runtime import configure_torch
@@ -125,20 +125,20 @@ class BenchSetup:
         torch.manual_seed(tr.seed)
         self.base = build_network(spec.model).to(self.device)
         self.parameters = count_parameters(self.base)
-        # The trainer's loss object (no finiteness check: the step skips non-finite updates instead).
-        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
+        # The trainer's loss object.
+        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type)
         bound = dict(mf=spec.meanflow, prediction_type=spec.model.prediction_type)
         self.math: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
-            "naive": functools.partial(naive_imf_loss, **bound),
+            "naive": as_compute(naive_imf_loss, **bound),
             "imf": self.loss.compute,
-            "fm": functools.partial(flow_matching_loss, **bound),
-            "predecessor": functools.partial(predecessor_imf_loss, **bound, norm_eps=options.predecessor.norm_eps),
+            "fm": as_compute(flow_matching_loss, **bound),
+            "predecessor": as_compute(predecessor_imf_loss, **bound, norm_eps=options.predecessor.norm_eps),
         }
         # (t, r) of the predecessor variant: its own r = t fraction when one is given
         proportion = options.predecessor.data_proportion
         self.draw_loss = {"predecessor": self.loss if proportion is None else MeanFlowLoss(
             spec.meanflow, spec.time_sampling.model_copy(update={"data_proportion": proportion}),
-            spec.model.prediction_type, check_finite=False)}
+            spec.model.prediction_type)}
         self.flops: dict[str, int] = {}
 
     def forward_flops_per_latent(self) -> Optional[int]:

@@ -1,7 +1,10 @@
 """One bench variant from set-up to result (`VariantRun`), and running several side by side (`run_variants`).
 
-Each variant has its own copy of the network, optimizer, (compiled) loss, batch iterator and
-noise generator; `neuromf/bench/run.py` builds what they share (`BenchSetup`) and the report.
+Each variant steps with the trainer's own `Trainer.train_step` (neuromf/train/loop.py) on a trainer of
+its own copy of the network (`Trainer.for_steps`: AdamW, LR schedule, EMA), with its loss maths and
+compilation plugged in as the trainer's `compute` (and, for the predecessor, its `loss`, which draws
+(e, t, r)), and its own batch iterator; `neuromf/bench/run.py` builds what they share (`BenchSetup`)
+and the report.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -79,12 +82,12 @@ def _error_text(e: BaseException) -> str:
 
 
 class VariantRun:
-    """One variant: its copy of the network, optimizer, (compiled) loss, batch iterator, generator and timings."""
+    """One variant: its trainer (copy of the network, AdamW, schedule, EMA, (compiled) loss), batch iterator and timings."""
 
     def __init__(self, b: BenchSetup, name: str) -> None:
         from neuromf.model.unet import set_gradient_checkpointing
         from neuromf.train.compile import compile_loss
-        from neuromf.train.schedule import build_optimizer
+        from neuromf.train.loop import Trainer
 
         self.b, self.name = b, name
         spec, opt = b.spec, b.options
@@ -100,6 +103,7 @@ class VariantRun:
         self.recompiles = 0
         self.last: dict[str, Any] = {}
         self.net: Any = None
+        self.trainer: Any = None
         self.batches: Any = None
         try:
             self.net = copy.deepcopy(b.base)
@@ -107,15 +111,14 @@ class VariantRun:
                 self.net = self.net.to(memory_format=torch.channels_last_3d)
             set_gradient_checkpointing(self.net, ckpt)
             self.net.train()
-            self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, b.device)
+            self.trainer = Trainer.for_steps(spec, self.net, b.device, b.dtype)
             self.eager_fn = b.math[self.math_kind]
             fold = spec.training.fold_zero_tangents and variant.fold
             mode = opt.compile_mode or spec.training.compile_mode
             self.result["compile_mode"] = mode if compiled else None
-            self.compute = compile_loss(self.eager_fn, fold, mode) if compiled else self.eager_fn
-            self.draw_loss = b.draw_loss.get(self.math_kind, b.loss)
+            self.trainer.compute = compile_loss(self.eager_fn, fold, mode) if compiled else self.eager_fn
+            self.trainer.loss = b.draw_loss.get(self.math_kind, self.trainer.loss)  # draws (e, t, r)
             self.batches = b.make_batches()
-            self.generator = torch.Generator(b.device).manual_seed(spec.training.seed)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for the weights: report it
             self.fail(e)
 
@@ -127,14 +130,11 @@ class VariantRun:
         self.result["error"] = _error_text(e)
         self.close()
 
-    def step(self, batch: torch.Tensor, fn: Optional[Callable[..., dict[str, torch.Tensor]]] = None) -> None:
-        from neuromf.train.step import train_step
-
+    def step(self, batch: torch.Tensor) -> None:
         if self.b.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        applied, metrics = train_step(self.draw_loss, fn or self.compute, self.net, batch, self.generator, self.optimizer,
-                                      self.b.spec, self.b.dtype)
-        self.last["applied"], self.last["metrics"] = applied, metrics
+        self.last["applied"], self.last["metrics"] = self.trainer.train_step(batch)
+        self.last["skipped"] = self.trainer.progress.bad_steps  # steps with NaN/Inf loss or gradients
 
     def warm_up(self) -> None:
         """The first step (compilation included) and `warmup` more, untimed."""
@@ -177,12 +177,14 @@ class VariantRun:
         if self.math_kind not in self.b.flops:
             set_gradient_checkpointing(self.net, False)
             batch = self.batches.next_batch()
-            self.b.flops[self.math_kind] = count_flops(lambda: self.step(batch, self.eager_fn))
+            compute, self.trainer.compute = self.trainer.compute, self.eager_fn
+            self.b.flops[self.math_kind] = count_flops(lambda: self.step(batch))
+            self.trainer.compute = compute
 
     def close(self) -> None:
         if self.batches is not None:
             self.batches.close()
-        self.net = self.optimizer = self.compute = self.batches = None
+        self.net = self.trainer = self.batches = None
         gc.collect()
         if self.b.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -201,7 +203,7 @@ class VariantRun:
         if not self.ok:
             return result
         result["recompiles_during_timing"] = self.recompiles
-        result["skipped_steps"] = 0 if self.last["applied"] else 1
+        result["skipped_steps"] = self.last["skipped"]
         result["step_s"] = _summary(self.steps)
         result["step_cpu_s"] = _summary(self.cpu) if self.cpu else None
         result["data_wait_s"] = _summary(self.waits)

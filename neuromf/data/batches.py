@@ -22,6 +22,7 @@ import torch
 from neuromf.data.shard import ShardInfo, ShardReader
 from neuromf.data.stats import LatentStats
 from neuromf.errors import UserError
+from neuromf.seeding import derived_seed
 
 
 # ---------------------------------------------------------------- rows of a split
@@ -125,14 +126,9 @@ def load_whole(rows: Rows, n: int, shape: Sequence[int], dtype: torch.dtype, dev
 # ---------------------------------------------------------------- order
 
 
-def _derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts: independent streams per (seed, epoch, ...), not consecutive seeds."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
-
-
 @lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(_derive_seed("perm", seed, epoch))
+    g = torch.Generator().manual_seed(derived_seed("perm", seed, epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -209,7 +205,7 @@ class TrainBatches:
         # x is a fresh tensor (gathered or read), so normalising in place is safe.
         x = self._stats.normalise_(x.to(self._device, non_blocking=True).float())
         if self.flip_lr:
-            g = torch.Generator().manual_seed(_derive_seed("flip", self.seed, epoch, position))
+            g = torch.Generator().manual_seed(derived_seed("flip", self.seed, epoch, position))
             flips = torch.rand(self.batch_size * self.world_size, generator=g) < 0.5
             mask = flips[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             mask = mask.to(self._device, non_blocking=True).view(-1, 1, 1, 1, 1)

@@ -22,12 +22,12 @@ binomial around the fractions (e.g. val 10 % +- 1.3 % of 500 subjects).
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from neuromf.data.meta import LatentMeta, subject_keys
+from neuromf.seeding import derived_fraction
 
 SPLITS = ("train", "val", "test")
 MIN_STRATIFIED = 10  # datasets with at least this many subjects always get a val and a test subject
@@ -35,7 +35,7 @@ MIN_STRATIFIED = 10  # datasets with at least this many subjects always get a va
 
 def subject_draw(key: str, seed: int) -> float:
     """The subject's number in [0, 1): a pure function of (seed, key)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
+    return derived_fraction(seed, key)
 
 
 @dataclass

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from neuromf.doctor.context import DoctorContext
 from neuromf.doctor.environment import missing_toolchain
 from neuromf.doctor.result import CheckResult
@@ -28,8 +26,7 @@ def _counters() -> tuple[int, int]:
 def check_compiled_step(ctx: DoctorContext) -> CheckResult:
     """Compile the loss as the trainer does (training.compile_mode, fold_zero_tangents) and run one step."""
     from neuromf.train.compile import compile_loss
-    from neuromf.train.schedule import build_optimizer
-    from neuromf.train.step import train_step
+    from neuromf.train.loop import Trainer
 
     tr = ctx.spec.training
     if not tr.compile:
@@ -39,14 +36,12 @@ def check_compiled_step(ctx: DoctorContext) -> CheckResult:
         return CheckResult("compiled_step", False, "cannot compile here, missing: " + "; ".join(missing), {"missing": missing})
     n = ctx.shared.get("largest_micro_batch", ctx.micro_batch)
     spec = ctx.spec.model_copy(update={"training": tr.model_copy(update={"accumulate_grad_batches": 1})})
-    net = ctx.fresh_net()
-    optimizer = build_optimizer(list(net.parameters()), spec.training, ctx.device)
-    compute = compile_loss(ctx.loss.compute, tr.fold_zero_tangents, tr.compile_mode)
+    trainer = Trainer.for_steps(spec, ctx.fresh_net(), ctx.device, ctx.dtype)  # the trainer's step, on a fresh network
+    trainer.compute = compile_loss(trainer.loss.compute, tr.fold_zero_tangents, tr.compile_mode)
     graphs, breaks = _counters()
     start = time.perf_counter()
     try:
-        applied, metrics = train_step(ctx.loss, compute, net, ctx.latents(n), torch.Generator(ctx.device).manual_seed(0),
-                                      optimizer, spec, ctx.dtype)
+        applied, metrics = trainer.train_step(ctx.latents(n))
         ctx.sync()
     except Exception as e:  # noqa: BLE001 - the point of the check: say what failed, in one line
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -61,6 +56,6 @@ def check_compiled_step(ctx: DoctorContext) -> CheckResult:
     if not applied:
         return CheckResult("compiled_step", False, f"the compiled step's loss or gradients are not finite "
                            f"(loss {details['loss_total']:.4g})", details)
-    ctx.shared["compiled"] = (compute, net, optimizer, n)
+    ctx.shared["compiled"] = (trainer, n)
     return CheckResult("compiled_step", True, f"compiled ({tr.compile_mode}) and ran one step of {n} in {seconds:.1f} s "
                        f"(compile included; {graphs} graph{'s' if graphs != 1 else ''}, {breaks} graph breaks)", details)

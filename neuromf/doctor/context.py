@@ -33,7 +33,7 @@ class DoctorContext:
         configure_torch(spec, device)
         net = build_network(spec.model)
         perturb_zero_init(net, std=0.02, generator=torch.Generator().manual_seed(spec.training.seed))
-        loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
+        loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type)
         return cls(spec, device, autocast_dtype(spec, device), net.to(device), loss)
 
     @property

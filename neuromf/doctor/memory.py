@@ -1,7 +1,7 @@
 """Memory of one training step at the configured micro-batch; if it does not fit, what does.
 
-The step is the trainer's own (`train_step`: the loss, backward, clipping, AdamW) on a fresh copy of the
-network, eager. Its peak above the memory in use before it (weights and optimizer state) grows with the
+The step is the trainer's own (`Trainer.train_step`: the loss, backward, clipping, AdamW, EMA) on a fresh
+copy of the network, eager. Its peak above the memory in use before it (weights, optimizer state, EMA) grows with the
 micro-batch: measured at m = min(micro-batch, 2) latents, m's peak / m per latent is a slight
 overestimate (it also carries the gradients, a fixed cost), so the projection errs on the safe side.
 When the projection fits, the configured micro-batch runs for real and its measured peak is reported
@@ -28,34 +28,32 @@ def capacity_bytes(device: torch.device) -> int:
     """What this process can use: on a GPU, free memory plus what our allocator holds; on a CPU, RAM available plus our RSS."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
-    from neuromf.bench.measure import _status_bytes
     from neuromf.data.prepare import available_host_memory
+    from neuromf.doctor.meter import status_bytes
 
-    return available_host_memory() + _status_bytes("VmRSS:")
+    return available_host_memory() + status_bytes("VmRSS:")
 
 
 def step_peak(ctx: DoctorContext, n: int, checkpointing: bool) -> dict[str, int]:
     """{"before": bytes in use before the step, "peak": the step's own peak} of one eager step of `n` latents."""
-    from neuromf.bench.measure import MemoryMeter
+    from neuromf.doctor.meter import MemoryMeter
     from neuromf.model.unet import set_gradient_checkpointing
-    from neuromf.train.schedule import build_optimizer
-    from neuromf.train.step import train_step
+    from neuromf.train.loop import Trainer
 
     spec = ctx.spec.model_copy(update={"training": ctx.spec.training.model_copy(update={"accumulate_grad_batches": 1})})
     net = ctx.fresh_net()
     set_gradient_checkpointing(net, checkpointing)
-    optimizer = build_optimizer(list(net.parameters()), spec.training, ctx.device)
+    trainer = Trainer.for_steps(spec, net, ctx.device, ctx.dtype)
     batch = ctx.latents(n)
-    g = torch.Generator(ctx.device).manual_seed(0)
     try:
-        train_step(ctx.loss, ctx.loss.compute, net, batch, g, optimizer, spec, ctx.dtype)  # optimizer state now exists
+        trainer.train_step(batch)  # optimizer state now exists
         meter = MemoryMeter(ctx.device)
         meter.start()
         before = meter.in_use_at_start
-        train_step(ctx.loss, ctx.loss.compute, net, batch, g, optimizer, spec, ctx.dtype)
+        trainer.train_step(batch)
         peak = meter.stop()["peak_step_bytes"]
     finally:
-        del net, optimizer, batch
+        del net, trainer, batch
         ctx.free()
     return {"before": int(before), "peak": int(peak or 0)}
 

@@ -6,8 +6,6 @@ import statistics
 import time
 from typing import Any, Optional
 
-import torch
-
 from neuromf.doctor.context import DoctorContext
 from neuromf.doctor.result import CheckResult
 
@@ -30,27 +28,23 @@ def steps_per_epoch(ctx: DoctorContext) -> Optional[int]:
 
 def check_throughput(ctx: DoctorContext) -> CheckResult:
     """Time a few micro-batch steps of the run's step (compiled when the compiled check passed)."""
-    from neuromf.train.schedule import build_optimizer
-    from neuromf.train.step import train_step
+    from neuromf.train.loop import Trainer
 
     tr = ctx.spec.training
     spec = ctx.spec.model_copy(update={"training": tr.model_copy(update={"accumulate_grad_batches": 1})})
     if "compiled" in ctx.shared:
-        compute, net, optimizer, n = ctx.shared.pop("compiled")
+        trainer, n = ctx.shared.pop("compiled")
         kind = f"compiled ({tr.compile_mode})"
     else:
         n = ctx.shared.get("largest_micro_batch", ctx.micro_batch)
-        net = ctx.fresh_net()
-        optimizer = build_optimizer(list(net.parameters()), spec.training, ctx.device)
-        compute, kind = ctx.loss.compute, "eager"
+        trainer, kind = Trainer.for_steps(spec, ctx.fresh_net(), ctx.device, ctx.dtype), "eager"
     batch = ctx.latents(n)
-    g = torch.Generator(ctx.device).manual_seed(0)
     times = []
     try:
         for i in range(TIMED_STEPS + 1):  # the first is a warm-up
             ctx.sync()
             start = time.perf_counter()
-            train_step(ctx.loss, compute, net, batch, g, optimizer, spec, ctx.dtype)
+            trainer.train_step(batch)
             ctx.sync()
             if i:
                 times.append(time.perf_counter() - start)
@@ -58,7 +52,7 @@ def check_throughput(ctx: DoctorContext) -> CheckResult:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         return CheckResult("throughput", False, f"the {kind} step failed: {type(e).__name__}: {first}")
     finally:
-        del net, optimizer, batch
+        del trainer, batch
         ctx.shared.pop("compiled", None)
         ctx.free()
     per_micro = statistics.median(times)

@@ -8,26 +8,22 @@ draw for draw.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from neuromf.seeding import derived_seed
 from neuromf.spec.schema import RunSpec
 
 __all__ = ["sample_noise", "generate_batches"]
-
-
-def _sample_seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"neuromf-sample:{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
 def sample_noise(seed: int, start: int, count: int, shape: Sequence[int]) -> torch.Tensor:
     """Noise for samples start .. start + count - 1: (count, *shape) float32 on the CPU."""
     out = torch.empty((count, *shape))
     for k in range(count):
-        g = torch.Generator().manual_seed(_sample_seed(seed, start + k))
+        g = torch.Generator().manual_seed(derived_seed("neuromf-sample", seed, start + k))
         out[k] = torch.randn(tuple(shape), generator=g)
     return out
 

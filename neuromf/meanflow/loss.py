@@ -30,27 +30,13 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import nn
 
-from neuromf.errors import UserError
 from neuromf.meanflow.time_sampler import num_flow_matching, sample_time_pairs
 from neuromf.model.unet import math_attention
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
 
-__all__ = ["MeanFlowLoss", "check_finite_batch"]
+__all__ = ["MeanFlowLoss"]
 
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def check_finite_batch(z0: torch.Tensor, name: str = "z0 (the batch of latents)") -> None:
-    """Raise UserError naming the samples if `z0` holds NaN or Inf (one device sync)."""
-    finite = torch.isfinite(z0)
-    if bool(finite.all()):
-        return
-    bad = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist()
-    n_nan, n_inf = int(torch.isnan(z0).sum()), int(torch.isinf(z0).sum())
-    raise UserError(
-        f"{name}: contains {n_nan} NaN and {n_inf} Inf values (in batch rows {bad[:10]}); "
-        "the latents or their normalisation statistics are broken"
-    )
 
 
 class MeanFlowLoss:
@@ -61,14 +47,12 @@ class MeanFlowLoss:
         meanflow: MeanFlowSpec,
         time_sampling: TimeSamplingSpec,
         prediction_type: Literal["x", "u"] = "x",
-        check_finite: bool = True,
     ) -> None:
         if prediction_type not in ("x", "u"):
             raise ValueError(f"prediction_type must be 'x' or 'u', got {prediction_type!r}")
         self.meanflow = meanflow
         self.time_sampling = time_sampling
         self.prediction_type = prediction_type
-        self.check_finite = check_finite
 
     # -- randomness -------------------------------------------------------------------------
     def draw(self, z0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,8 +113,6 @@ class MeanFlowLoss:
         autocast_dtype: Optional[torch.dtype] = None,
     ) -> dict[str, torch.Tensor]:
         """The loss for given noise and times (no randomness here: the part to torch.compile)."""
-        if self.check_finite:
-            check_finite_batch(z0)
         grad_net = net if grad_net is None else grad_net
         dtype = torch.promote_types(z0.dtype, torch.float32)
         z0, e, t, r = z0.to(dtype), e.to(dtype), t.to(dtype), r.to(dtype)

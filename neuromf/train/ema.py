@@ -7,7 +7,6 @@ steps), each with decay 0.5 ** (1 / h).
 
 from __future__ import annotations
 
-import copy
 from typing import Iterator, Optional
 
 import torch
@@ -57,10 +56,3 @@ class EMA:
         for name, shadow in state.items():
             for k, v in shadow.items():
                 self.shadows[name][k].copy_(v)
-
-    def copy_into(self, module: nn.Module, name: str = "ema") -> nn.Module:
-        """A deep copy of `module` carrying the EMA weights (for validation and samples)."""
-        averaged = copy.deepcopy(module)
-        averaged.load_state_dict(self.shadows[name], strict=False)
-        averaged.eval().requires_grad_(False)
-        return averaged

@@ -1,10 +1,14 @@
 """`neuromf train`: the whole training loop, top to bottom.
 
     spec -> device, seeds -> data -> network, loss, EMA, optimizer, schedule
-         -> resume (checkpoint) -> loop over optimizer steps:
-              micro-batches (loss, backward) -> NaN/Inf guard -> clip -> AdamW -> LR -> EMA
-              log | epoch end: validation, periodic checkpoint, samples | stop signal: save, exit 75
+         -> resume (checkpoint) -> run(): loop over optimizer steps:
+              batch -> train_step (micro-batches: noise, loss, backward -> clip -> NaN/Inf guard
+                                   -> AdamW -> LR -> EMA -> counters)
+              -> log | epoch end: validation, periodic checkpoint, samples | stop signal: save, exit 75
          -> final validation, samples, checkpoint
+
+One step from `neuromf train` to `optimizer.step`: neuromf/cli/train.py -> train() -> Trainer.run
+-> Trainer.train_step (this file), with the loss maths in neuromf/meanflow/loss.py.
 
 Randomness: the noise and times (e, t, r) of micro-batch chunk c of optimizer
 step s come from a generator seeded by (training.seed, s, c), and the data
@@ -33,65 +37,51 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from neuromf.device import autocast_dtype
 from neuromf.errors import UserError
+from neuromf.seeding import derived_generator
 from neuromf.spec.schema import RunSpec
-from neuromf.train.checkpoint import FORMAT, CheckpointDir, assert_finite, capture_rng_states, restore_rng_states
-from neuromf.train.distributed import is_collective_error, setup_distributed
+from neuromf.train.checkpoint import CheckpointDir
+from neuromf.train.distributed import Dist, is_collective_error, setup_distributed
 from neuromf.train.ema import EMA
 from neuromf.train.periodic_eval import periodic_evaluation, periodic_evaluation_due
-from neuromf.train.run_log import RunLog
+from neuromf.train.run_log import RunLog, SilentLog
 from neuromf.train.runtime import configure_torch
 from neuromf.train.schedule import build_optimizer, build_scheduler
 from neuromf.train.resume import check_compatible, claim_run_folder, load_resume_state
 from neuromf.train.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopInterrupt, StopRequest
-from neuromf.train.step import ComputeFn, chunk_generator, train_step, validation_losses
+from neuromf.train.state import Progress, checkpoint_state, restore_state
+from neuromf.train.validate import validate
 
-__all__ = ["Trainer", "TrainingDiverged", "chunk_generator", "train", "train_step", "validation_losses"]
+__all__ = ["ComputeFn", "Trainer", "TrainingDiverged", "chunk_generator", "train"]
+
+# loss.compute(net, z0, e, t, r, grad_net=..., autocast_dtype=...): the pure part of the loss, eager or compiled
+ComputeFn = Callable[..., dict[str, torch.Tensor]]
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with NaN/Inf loss or gradients."""
 
 
-@dataclass
-class Progress:
-    """The loop's own counters; checkpointed with everything else."""
-
-    epoch: int = 0
-    global_step: int = 0
-    bad_steps: int = 0
-    consecutive_bad: int = 0
-    best_val: float = math.inf
-    finished: bool = False  # the final validation, samples and checkpoint are done: a resume has nothing to do
-    pending_epoch_end: int = 0  # a stop signal interrupted this epoch's validation/samples: redone on resume
-    history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "val": []})
-
-
-class _SilentLog:
-    """The run log of ranks other than 0: they log nothing (rank 0 reports for all)."""
-
-    use_bar = False
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
+def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
+    """The (e, t, r) generator of chunk `chunk` (rank * accumulate + micro) of optimizer step `step`."""
+    return derived_generator(device, "loss", seed, step, chunk)
 
 
 # ---------------------------------------------------------------- the run
 
 
 class Trainer:
-    """Holds the run's objects; `run()` is the loop. Split into methods only where a step has a name."""
+    """Holds the run's objects; `run()` is the loop, `train_step()` one optimizer step."""
 
     def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, verify_data: bool = False) -> None:
         from neuromf.data.prepare import check_run_data, prepare_data
-        from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.meanflow.time_sampler import num_flow_matching
         from neuromf.model.unet import build_network, set_gradient_checkpointing
 
@@ -131,29 +121,23 @@ class Trainer:
                 self.net, spec.model.init_from, spacing_mm=spec.model.init_spacing_mm, class_label=spec.model.init_class_label
             )
         set_gradient_checkpointing(self.net, spec.training.gradient_checkpointing)  # gradient passes only, never the JVP
-        # NaN/Inf batches become skipped steps here (the loss's own check would stop the run).
-        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type, check_finite=False)
-        self.compute: ComputeFn = self.loss.compute
-        # Every rank keeps the EMA: the weights are the same on all, so are the averages, and sharded
-        # validation of the EMA needs no broadcast.
-        self.ema = EMA(self.net, spec.ema.decay, spec.ema.half_lives)
-        self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, self.device)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, spec.training)
-        self.progress = Progress()
-        resumed_from = self._resume(*found) if found is not None else None
-        self._interruptible: Callable[[], Any] = nullcontext
-        # Wrapped after loading, so DDP's initial broadcast (rank 0's weights to all) sends the resumed ones.
-        self.grad_net: torch.nn.Module = self.net
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        self._build_step_parts(self.total_steps)
+        if spec.training.compile:  # lazy: a failure surfaces at the first step (then eager: _train_step_or_eager)
+            from neuromf.train.compile import compile_loss  # imports Inductor (~1 s): only when compiling
 
+            self.compute = compile_loss(self.loss.compute, spec.training.fold_zero_tangents, spec.training.compile_mode)
+        self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)  # validation and samples load the EMA into it
+        if found is not None:
+            restore_state(self, found[1])
+        self.interruptible: Callable[[], Any] = nullcontext
+        # Wrapped after loading, so DDP's initial broadcast (rank 0's weights to all) sends the resumed ones.
+        if self.dist.enabled:
             with self.dist.guard("wrapping the model in DDP (broadcast of rank 0's weights)"):
                 self.grad_net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.log: Any = RunLog(spec, self.total_steps, self.progress.global_step, resumed=resumed_from is not None) \
-            if self.dist.is_main else _SilentLog()
-        if resumed_from is not None:
-            self.log.event(self.progress.global_step, f"resumed from {resumed_from} at step {self.progress.global_step}")
+        self.log: Any = RunLog(spec, self.total_steps, self.progress.global_step, resumed=found is not None) \
+            if self.dist.is_main else SilentLog()
+        if found is not None:
+            self.log.event(self.progress.global_step, f"resumed from {found[0]} at step {self.progress.global_step}")
         if world > 1:
             self.log.say(f"{world} processes ({self.dist.launcher}, {'NCCL' if self.device.type == 'cuda' else 'gloo'}): "
                          f"global batch {spec.training.batch_size} = {world} x {spec.training.accumulate_grad_batches} "
@@ -161,83 +145,115 @@ class Trainer:
         if num_flow_matching(self.micro_batch, spec.time_sampling.data_proportion) == 0 < spec.time_sampling.data_proportion:
             self.log.say(f"warning: micro-batches of {self.micro_batch} get no r = t rows (floor({self.micro_batch} x "
                          f"time_sampling.data_proportion {spec.time_sampling.data_proportion}) = 0): all rows are MeanFlow rows")
-        if spec.training.compile:
-            self._compile()
 
-    # ------------------------------------------------------------ resume and checkpoints
+    @classmethod
+    def for_steps(cls, spec: RunSpec, net: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> "Trainer":
+        """A trainer of `net` with only what train_step uses: one process, the eager loss, no data, run folder,
+        log or checkpoints. `neuromf doctor` and `neuromf bench` measure the training step with it (bench sets
+        `compute` and `loss` to other loss maths). Its LR schedule is that of a run of max_steps (or warmup + 1) steps."""
+        self = cls.__new__(cls)  # not __init__: that prepares the data, claims the run folder and builds its own network
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.dist = Dist(rank=0, world_size=1, local_rank=0, device=device)
+        self.net, self.log = net, SilentLog()
+        self._build_step_parts(max(spec.training.max_steps or 0, spec.training.warmup_steps + 1))
+        return self
 
-    def _resume(self, path: Path, state: dict[str, Any]) -> Path:
-        """Load a checkpoint (chosen and checked by neuromf/train/resume.py) into this rank's objects."""
-        self.net.load_state_dict(state["model_state_dict"])
-        self.ema.load_full_state_dict(state["ema_all"])
-        self.optimizer.load_state_dict(state["optimizer_state_dict"])
-        self.scheduler.load_state_dict(state["scheduler_state_dict"])
-        self.batches.load_state_dict(state["data_state"])
-        restore_rng_states(state["rng"])  # kept for completeness: the loss noise is a function of the step
-        self.progress = Progress(**state["progress"])
-        return path
+    def _build_step_parts(self, total_steps: int) -> None:
+        """What train_step works with, for self.net: the loss (eager), EMA, AdamW, LR schedule and the counters."""
+        from neuromf.meanflow.loss import MeanFlowLoss
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        model_state, ema_state = self.net.state_dict(), self.ema.state_dict()
-        assert_finite(model_state, "model")
-        assert_finite(ema_state, "ema")
-        return {
-            "format": FORMAT,
-            "epoch": self.progress.epoch,
-            "global_step": self.progress.global_step,
-            "model_state_dict": model_state,
-            "ema_state_dict": ema_state,
-            "ema_all": self.ema.full_state_dict(),
-            "optimizer_state_dict": self.optimizer.state_dict(),
-            "scheduler_state_dict": self.scheduler.state_dict(),
-            "config": self.spec.model_dump(mode="json"),
-            "loss_history": self.progress.history,
-            "progress": asdict(self.progress),
-            "rng": capture_rng_states(),
-            "data_state": self.batches.state_dict(),
-            "latent_stats": self.data.stats.state_dict(),  # so samples can be de-normalised without the data
-        }
+        spec = self.spec
+        self.loss = MeanFlowLoss(spec.meanflow, spec.time_sampling, spec.model.prediction_type)
+        self.compute: ComputeFn = self.loss.compute
+        # Every rank keeps the EMA: the weights are the same on all, so are the averages, and sharded
+        # validation of the EMA needs no broadcast.
+        self.ema = EMA(self.net, spec.ema.decay, spec.ema.half_lives)
+        self.optimizer = build_optimizer(list(self.net.parameters()), spec.training, self.device)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, spec.training)
+        self.progress = Progress()
+        self.grad_net: torch.nn.Module = self.net  # the DDP wrapper in a multi-process run (__init__)
+
+    # ------------------------------------------------------------ one optimizer step
+
+    def train_step(self, batch: torch.Tensor) -> tuple[bool, dict[str, torch.Tensor]]:
+        """One optimizer step on this rank's block of the global batch. Returns (applied, metrics).
+
+        Micro-batch i is chunk c = rank * accumulate + i of the global batch; its noise and times come
+        from chunk_generator(seed, global_step, c). The gradient passes run through `grad_net` (DDP with
+        several processes: it all-reduces the gradients after the LAST micro-batch, no_sync before), the
+        no-grad JVP on the bare `net` (inside `compute`). Clipping and the NaN/Inf guard then see the
+        synchronised gradients and the metrics are averaged over the ranks, so every rank decides alike.
+        """
+        tr, p = self.spec.training, self.progress
+        accumulate = tr.accumulate_grad_batches
+        micros = batch.chunk(accumulate)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for i, micro in enumerate(micros):
+            noise = chunk_generator(tr.seed, p.global_step, self.dist.rank * accumulate + i, self.device)
+            e, t, r = self.loss.draw(micro, noise)  # the randomness, outside the compiled part
+            defer_sync = isinstance(self.grad_net, DistributedDataParallel) and i < len(micros) - 1
+            with self.grad_net.no_sync() if defer_sync else nullcontext():  # type: ignore[operator]
+                out = self.compute(self.net, micro, e, t, r, grad_net=self.grad_net, autocast_dtype=self.dtype)
+                (out["loss_total"] / accumulate).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accumulate
+        clip = tr.grad_clip if tr.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for q in self.net.parameters() if q.grad is not None], clip)  # before clipping
+        grad_ok = True
+        if self.dist.enabled:  # one all-reduce: the mean of each metric, and how many ranks saw a non-finite gradient norm
+            keys = list(sums)
+            packed = torch.stack([sums[k] for k in keys] + [(~torch.isfinite(grad_norm)).float()]).double()
+            self.dist.all_reduce(packed, "sum", "the step's metrics all-reduce")
+            sums = {k: (packed[i] / self.dist.world_size).float() for i, k in enumerate(keys)}
+            grad_ok = bool(packed[-1] == 0)
+        sums["grad_norm"] = grad_norm
+        if not (grad_ok and bool(torch.isfinite(sums["loss_total"]) & torch.isfinite(grad_norm))):  # one sync per step
+            # NaN/Inf guard: no update; max_bad_steps in a row end the run (the last checkpoint is finite).
+            self.optimizer.zero_grad(set_to_none=True)
+            p.bad_steps += 1
+            p.consecutive_bad += 1
+            self.log.event(p.global_step, f"skipped a step with NaN/Inf loss or gradients ({p.consecutive_bad} in a row, "
+                                          f"{p.bad_steps} in all)", bad_step=True)
+            if p.consecutive_bad >= tr.max_bad_steps:
+                raise TrainingDiverged(f"training stopped: {p.consecutive_bad} consecutive steps with NaN/Inf loss or "
+                                       "gradients (training.max_bad_steps)")
+            return False, sums
+        self.optimizer.step()
+        self.scheduler.step()
+        if p.global_step % self.spec.ema.update_every == 0:
+            self.ema.update(self.net)
+        p.global_step += 1
+        p.consecutive_bad = 0
+        return True, sums
+
+    def _train_step_or_eager(self, batch: torch.Tensor) -> tuple[bool, dict[str, torch.Tensor]]:
+        """train_step; a failed torch.compile (it surfaces at the first step) must not cost the run: say so
+        once and redo the step eagerly (slower, same maths; train_step zeroes the gradients first)."""
+        try:
+            return self.train_step(batch)
+        except Exception as e:
+            if self.compute == self.loss.compute or is_collective_error(e) or isinstance(e, TrainingDiverged):
+                raise
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            self.log.event(self.progress.global_step, f"torch.compile failed ({type(e).__name__}: {first}); falling back to eager")
+            self.compute = self.loss.compute
+            return self.train_step(batch)
+
+    # ------------------------------------------------------------ checkpoints
 
     def save_latest(self) -> Path:
         """Write checkpoints/latest.pt (rank 0 only: the state is the same on every rank)."""
         if not self.dist.is_main:
             return self.checkpoints.latest
-        path = self.checkpoints.save_latest(self.checkpoint_state())
+        path = self.checkpoints.save_latest(checkpoint_state(self))
         self.log.write_summary()
         return path
-
-    # ------------------------------------------------------------ compile
-
-    def _compile(self) -> None:
-        """Compile the loss maths (forward, JVP, backward graphs). Lazy: failures surface at the first step."""
-        from neuromf.train.compile import compile_loss  # imports Inductor (~1 s): only when compiling
-
-        self.compute = compile_loss(self.loss.compute, self.spec.training.fold_zero_tangents, self.spec.training.compile_mode)
-
-    def _noise(self, micro: int) -> torch.Generator:
-        """The generator of this rank's micro-batch `micro` in the current step: chunk rank * accumulate + micro."""
-        chunk = self.dist.rank * self.spec.training.accumulate_grad_batches + micro
-        return chunk_generator(self.spec.training.seed, self.progress.global_step, chunk, self.device)
-
-    def _step(self, batch: torch.Tensor) -> tuple[bool, dict[str, torch.Tensor]]:
-        def step() -> tuple[bool, dict[str, torch.Tensor]]:
-            return train_step(self.loss, self.compute, self.net, batch, self._noise, self.optimizer, self.spec, self.dtype,
-                              grad_net=self.grad_net, dist=self.dist)
-
-        try:
-            return step()
-        except Exception as e:
-            if self.compute == self.loss.compute or is_collective_error(e):
-                raise
-            # A failed compile must not cost the run: say so once and go on eagerly (slower, same maths).
-            self.log.event(self.progress.global_step, f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to eager")
-            self.compute = self.loss.compute
-            self.optimizer.zero_grad(set_to_none=True)
-            return step()
 
     # ------------------------------------------------------------ the loop
 
     def run(self) -> int:
+        """The loop: batch -> train_step -> log -> (epoch end: validation, checkpoints, samples) -> stop check."""
         spec, p = self.spec, self.progress
         log_every = spec.logging.log_every_n_steps
         if p.finished and p.global_step >= self.total_steps and not self.dry_run:
@@ -252,7 +268,7 @@ class Trainer:
         with StopRequest() as stop:
             # A stop signal interrupts validation and sampling (redone after resume) instead of waiting for them.
             # Not with several processes: one rank leaving a collective early would hang the others.
-            self._interruptible = nullcontext if self.dist.enabled else stop.interruptible
+            self.interruptible = nullcontext if self.dist.enabled else stop.interruptible
             if p.pending_epoch_end:
                 self.log.say(f"redoing the end of epoch {p.pending_epoch_end} (interrupted by a stop signal)")
                 self._end_of_epoch(p.pending_epoch_end, final=p.global_step >= self.total_steps)
@@ -261,26 +277,12 @@ class Trainer:
                     return self._stop(stop.requested)
             while p.global_step < self.total_steps:
                 batch = self.batches.next_batch()
-                applied, metrics = self._step(batch)
+                applied, metrics = self._train_step_or_eager(batch)
                 window_samples += batch.shape[0] * self.dist.world_size  # latents of the global batch
                 if applied:
-                    self.scheduler.step()
-                    if p.global_step % spec.ema.update_every == 0:
-                        self.ema.update(self.net)
-                    p.global_step += 1
-                    p.consecutive_bad = 0
                     for k in ("loss_total", "mse_fm", "mse_mf"):
                         epoch_sums[k] = epoch_sums.get(k, 0.0) + float(metrics[k])
                     epoch_n += 1
-                else:
-                    p.bad_steps += 1
-                    p.consecutive_bad += 1
-                    self.log.event(p.global_step, f"skipped a step with NaN/Inf loss or gradients ({p.consecutive_bad} in a row, {p.bad_steps} in all)", bad_step=True)
-                    if p.consecutive_bad >= spec.training.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"training stopped: {p.consecutive_bad} consecutive steps with NaN/Inf loss or gradients "
-                            f"(training.max_bad_steps); the last good checkpoint is in {self.checkpoints.folder}"
-                        )
 
                 logging_step = applied and (p.global_step % log_every == 0 or p.global_step == 1)
                 if logging_step:
@@ -338,14 +340,14 @@ class Trainer:
         try:
             validated = bool(p.history["val"]) and p.history["val"][-1].get("epoch") == epoch  # (a redo after a stop)
             if (final or epoch % spec.logging.val_every_n_epochs == 0) and not validated:
-                self._validate(epoch)
+                validate(self, epoch)
             if self.dist.is_main and (final or epoch % spec.checkpoint.save_every_n_epochs == 0):
-                self.checkpoints.save_epoch(self.checkpoint_state(), epoch)
+                self.checkpoints.save_epoch(checkpoint_state(self), epoch)
             if self.dist.is_main and (final or epoch % spec.sampling.every_n_epochs == 0):
                 self._samples(epoch)  # the other ranks go on and wait in the next step's all-reduce
             if self.dist.is_main and periodic_evaluation_due(spec, epoch, final):
                 self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
-                with self._interruptible():
+                with self.interruptible():
                     self.log.log(periodic_evaluation(spec, self.ema_net, self.data, epoch, p.global_step, self.device))
         except StopInterrupt:
             return
@@ -353,30 +355,12 @@ class Trainer:
         p.finished = final
         self.save_latest()
 
-    def _validate(self, epoch: int) -> None:
-        p = self.progress
-        if self.val_batches is None:
-            return
-        self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
-        record: dict[str, Any] = {"step": p.global_step, "epoch": epoch}
-        with self._interruptible():
-            for label, net in (("val", self.ema_net), ("val_online", self.net)):
-                losses = validation_losses(self.loss, net, self.val_batches, self.spec, self.device, self.dtype, self.dist)
-                record.update({f"{label}/{k}": v for k, v in losses.items()})
-        self.log.log(record)
-        p.history["val"].append({k: v for k, v in record.items()})
-        if record["val/mse_total"] < p.best_val:  # the all-reduced value: every rank agrees
-            p.best_val = record["val/mse_total"]
-            if self.dist.is_main:
-                self.checkpoints.save_best(self.checkpoint_state())
-        self.log.say(f"epoch {epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}")
-
     def _samples(self, epoch: int) -> None:
         from neuromf.train.epoch_samples import write_periodic_samples
 
         self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
         nets = {"ema": self.ema_net, "online": self.net}
-        with self._interruptible():
+        with self.interruptible():
             folder = write_periodic_samples(self.spec, {w: nets[w] for w in self.spec.sampling.weights}, self.data.stats, epoch, self.device)
         self.log.event(self.progress.global_step, f"samples of epoch {epoch} in {folder}")
         self.log.log_images(self.progress.global_step, epoch, {p.name.removesuffix("_grid.png"): p for p in sorted(folder.glob("*_grid.png"))})
@@ -388,7 +372,7 @@ def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, ve
     try:
         code = trainer.run()
     except TrainingDiverged as e:
-        trainer.log.event(trainer.progress.global_step, str(e))
+        trainer.log.event(trainer.progress.global_step, f"{e}; the last good checkpoint is in {trainer.checkpoints.folder}")
         trainer.log.close()
         code = 3
     finally:

@@ -17,7 +17,7 @@ import string
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from neuromf.atomic import atomic_write_text, write_error
 from neuromf.spec.schema import RunSpec
@@ -28,6 +28,15 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+class SilentLog:
+    """The run log of ranks other than 0 (rank 0 reports for all) and of Trainer.for_steps: nothing is logged."""
+
+    use_bar = False
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
 
 class RunLog:

@@ -66,7 +66,3 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
-
-    @property
-    def exit_code(self) -> int:
-        return INTERRUPT_EXIT_CODE if self.requested == "SIGINT" else REQUEUE_EXIT_CODE

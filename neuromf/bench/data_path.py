@@ -1,6 +1,6 @@
 """Benchmark of the latent data path: pack throughput, batch delivery (memory vs streaming), precision of 16-bit shards.
 
-    python -m neuromf.data.bench_data [--n 256] [--size 48] [--batch-size 24] [--steps 60] [--device cpu]
+    python -m neuromf.bench.data_path [--n 256] [--size 48] [--batch-size 24] [--steps 60] [--device cpu]
 
 Writes synthetic latents (4, size^3, float32, per-channel offsets and scales) to a
 scratch folder, packs them, and times `TrainBatches.next_batch()` for each

@@ -14,21 +14,22 @@ step cannot cost less than this; by FLOPs it costs about 2.5x as much
 (3 forward-equivalents per sample for FM; for iMF, another 3 per JVP and 3 per
 second pass on the r != t rows, which are 3/4 of them).
 
-Both take the arguments of `MeanFlowLoss.compute` (net, z0, e, t, r, autocast_dtype=)
-after `mf` and `prediction_type` are bound (functools.partial), so the trainer's
-`train_step` can run them in place of the real loss. Nothing here is used to train.
+Both take (net, z0, e, t, r, mf, prediction_type, autocast_dtype=); `as_compute`
+gives them the call of `MeanFlowLoss.compute`, so that `Trainer.train_step` runs
+them in place of the real loss (`neuromf bench`, tests/_ddp_step.py). Nothing here
+is used to train.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from neuromf.model.unet import math_attention
 from neuromf.spec.schema import MeanFlowSpec
 
-__all__ = ["flow_matching_loss", "naive_imf_loss"]
+__all__ = ["as_compute", "flow_matching_loss", "naive_imf_loss"]
 
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -104,3 +105,15 @@ def flow_matching_loss(
     delta = v_tilde - (e - z0)
     loss_fm = _weighted(delta, mf)
     return {"loss_total": loss_fm, "loss_fm": loss_fm, "mse_fm": delta.detach().square().mean()}
+
+
+def as_compute(loss_fn: Callable[..., dict[str, torch.Tensor]], **bound: Any) -> Callable[..., dict[str, torch.Tensor]]:
+    """`loss_fn` (with `bound` arguments, e.g. mf and prediction_type) called as `MeanFlowLoss.compute` is:
+    (net, z0, e, t, r, grad_net=, autocast_dtype=). A reference has one network for everything: `grad_net`
+    when given (the DDP wrapper of a multi-process run, in both roles), else `net`."""
+
+    def compute(net: Net, z0: torch.Tensor, e: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
+                grad_net: Optional[Net] = None, autocast_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        return loss_fn(net if grad_net is None else grad_net, z0, e, t, r, autocast_dtype=autocast_dtype, **bound)
+
+    return compute
