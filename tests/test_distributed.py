@@ -86,7 +86,7 @@ def final(run_dir: Path) -> dict[str, Any]:
 def assert_close_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}[{k}]: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{what}[{k}]: {m}")
 
 
 def _plain_rank_envs(world: int = 2) -> list[dict[str, str]]:
@@ -233,7 +233,7 @@ def test_one_step_of_two_processes_equals_one_process_and_a_bypass_diverges(late
     done = torchrun(str(REPO / "tests" / "_ddp_step.py"), str(two), str(tmp_path), "ddp", "bypass")
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = {v: [torch.load(tmp_path / f"{v}_rank{r}.pt", weights_only=False) for r in range(2)] for v in ("ddp", "bypass")}
-    for v, results in ranks.items():
+    for results in ranks.values():
         assert all("error" not in r for r in results), results
 
     # One process, the same global batch as 2 micro-batches of 2, the same start.

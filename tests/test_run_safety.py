@@ -153,8 +153,8 @@ def test_resume_auto_over_a_zero_byte_latest_continues_from_the_previous(
     (run_dir / "checkpoints" / "latest.pt").write_bytes(b"")
     code, err = run_cli(capsys, "train", spec, "--resume", "auto")
     assert code == 0
-    assert [l for l in err if l.startswith("skipping")] == ["skipping damaged checkpoint latest.pt: ValueError: latest.pt is empty (0 bytes)"]
-    assert any("resumed from" in l and "latest.prev.pt at step 6" in l for l in err)
+    assert [line for line in err if line.startswith("skipping")] == ["skipping damaged checkpoint latest.pt: ValueError: latest.pt is empty (0 bytes)"]
+    assert any("resumed from" in line and "latest.prev.pt at step 6" in line for line in err)
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["global_step"] == 8
 
 
@@ -303,7 +303,7 @@ def test_training_onto_a_full_disk_exits_2_with_the_last_checkpoint_intact(
     spec.write_text(yaml.safe_dump(raw))
     code, err = run_cli(capsys, "train", spec)
     assert code == 2
-    assert [l for l in err if "cannot write" in l] == [err[-1]]
+    assert [line for line in err if "cannot write" in line] == [err[-1]]
     assert err[-1].startswith(str(run_dir)) and "cannot write (No space left on device)" in err[-1]
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert 2 <= state["global_step"] < 40
@@ -424,7 +424,7 @@ def test_temporaries_of_dead_writers_are_removed_at_the_next_start(
         assert code == 0, err
         assert not any(p.exists() for p in stale)
         assert live.exists() and other.exists()
-        assert sum(l.startswith("removed ") for l in err) == len(stale)
+        assert sum(line.startswith("removed ") for line in err) == len(stale)
     finally:
         alive.kill()
         alive.wait()
@@ -491,13 +491,13 @@ def test_a_stop_signal_interrupts_the_epoch_end_which_the_resume_redoes(
     trainer.run_lock.release()
     saved = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert saved["global_step"] == 4 and saved["progress"]["pending_epoch_end"] == 1
-    log = [yaml.safe_load(l) for l in (run_dir / "training_log.jsonl").read_text().splitlines()]
+    log = [yaml.safe_load(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
     assert any("SIGTERM: saved" in r.get("event", "") and "redone on resume" in r["event"] for r in log)
     if during == "validation":
         assert not any("val/mse_total" in r for r in log)
     monkeypatch.undo()
     assert train(spec, resume="auto") == 0
-    log = [yaml.safe_load(l) for l in (run_dir / "training_log.jsonl").read_text().splitlines()]
+    log = [yaml.safe_load(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "val/mse_total" in r] == [1, 2]
     for epoch in (1, 2):
         folder = run_dir / "samples" / f"epoch_{epoch}"

@@ -118,11 +118,11 @@ def test_run_log_truncates_to_the_resume_step(tmp_path: Path) -> None:
     log.log({"step": 6, "val/mse_total": 0.5})
     log.log({"step": 6, "train/loss_total": math.nan})
     log.close()
-    lines = [json.loads(l) for l in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert lines[-1]["train/loss_total"] == "nan"  # JSON has no NaN; kept visible as a string
     resumed = RunLog(spec, total_steps=10, start_step=4, resumed=True)
     resumed.close()
-    steps = [json.loads(l)["step"] for l in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     summary = json.loads((tmp_path / "training_log.json").read_text())
     assert [r["step"] for r in summary["train"]] == [1, 2, 3, 4] and summary["val"] == []

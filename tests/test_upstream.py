@@ -27,7 +27,7 @@ def _upstream_folder(folder: Path, shape: tuple[int, ...] = SHAPE16) -> dict[str
     written |= write_upstream_shard(folder / "PT005_IXI.h5", ixi, shape, seed=2)
     older = longitudinal_metas({"PT002_OASIS2": 3}, seed=3)
     write_longitudinal(folder, older, shape)
-    for i, m in enumerate(older):
+    for m in older:
         written[m.name] = torch.load(folder / f"{m.name}.pt", weights_only=True)["z"]
     return written
 

@@ -51,8 +51,8 @@ def u_function(net: Net, mf: MeanFlowSpec, prediction_type: str, autocast_dtype:
 
 
 def _weighted(delta: torch.Tensor, mf: MeanFlowSpec) -> torch.Tensor:
-    l = (delta.abs() ** mf.loss_norm).sum(dim=(1, 2, 3, 4))
-    return (l / (l.detach() + mf.norm_eps) ** mf.norm_p).mean()
+    per_sample = (delta.abs() ** mf.loss_norm).sum(dim=(1, 2, 3, 4))
+    return (per_sample / (per_sample.detach() + mf.norm_eps) ** mf.norm_p).mean()
 
 
 def naive_imf_loss(

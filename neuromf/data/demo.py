@@ -83,9 +83,9 @@ def _anatomy_1mm() -> tuple[np.ndarray, np.ndarray]:
     side = int(np.ceil((hi - lo).max() * (1 + 2 * MARGIN)))
     cube = np.zeros((4, side, side, side), np.float32)
     cube_mask = np.zeros((side, side, side), np.float32)
-    at = [(side - (h - l)) // 2 for l, h in zip(lo, hi)]
-    dst = tuple(slice(a, a + (h - l)) for a, l, h in zip(at, lo, hi))
-    src = tuple(slice(l, h) for l, h in zip(lo, hi))
+    at = [(side - (h - low)) // 2 for low, h in zip(lo, hi)]
+    dst = tuple(slice(a, a + (h - low)) for a, low, h in zip(at, lo, hi))
+    src = tuple(slice(low, h) for low, h in zip(lo, hi))
     for c, vol in enumerate((t1, gm, wm, csf)):
         cube[(c, *dst)] = vol[src]
     cube_mask[dst] = mask[src]

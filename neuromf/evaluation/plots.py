@@ -83,32 +83,32 @@ class Axes:
         return math.log10(y) if self.log_y else y
 
     def px(self, x: float, y: float) -> tuple[float, float]:
-        l, t, r, b = self.box
+        left, t, r, b = self.box
         x0, x1 = self.xlim
         y0, y1 = self._ty(self.ylim[0]), self._ty(self.ylim[1])
         fx = (x - x0) / (x1 - x0) if x1 > x0 else 0.5
         fy = (self._ty(y) - y0) / (y1 - y0) if y1 > y0 else 0.5
-        return l + fx * (r - l), b - fy * (b - t)
+        return left + fx * (r - left), b - fy * (b - t)
 
     def frame(self, title: str = "", xlabel: str = "", ylabel: str = "") -> None:
-        l, t, r, b = self.box
+        left, t, r, b = self.box
         d, f = self.draw, self.font
         yt = _log_ticks(*self.ylim) if self.log_y else _nice_ticks(*self.ylim)
         for y in yt:
             _, py = self.px(self.xlim[0], y)
-            d.line([(l, py), (r, py)], fill=(232, 232, 232))
-            d.text((l - 4, py), _fmt(y), fill=(0, 0, 0), font=f, anchor="rm")
+            d.line([(left, py), (r, py)], fill=(232, 232, 232))
+            d.text((left - 4, py), _fmt(y), fill=(0, 0, 0), font=f, anchor="rm")
         for x in _nice_ticks(*self.xlim):
             px, _ = self.px(x, self.ylim[0])
             d.line([(px, b), (px, b + 4)], fill=(0, 0, 0))
             d.text((px, b + 6), _fmt(x), fill=(0, 0, 0), font=f, anchor="mt")
-        d.rectangle([l, t, r, b], outline=(0, 0, 0))
+        d.rectangle([left, t, r, b], outline=(0, 0, 0))
         if title:
-            d.text(((l + r) / 2, t - 4), title, fill=(0, 0, 0), font=f, anchor="md")
+            d.text(((left + r) / 2, t - 4), title, fill=(0, 0, 0), font=f, anchor="md")
         if xlabel:
-            d.text(((l + r) / 2, b + 22), xlabel, fill=(0, 0, 0), font=f, anchor="mt")
+            d.text(((left + r) / 2, b + 22), xlabel, fill=(0, 0, 0), font=f, anchor="mt")
         if ylabel:
-            d.text((l, t - 18), ylabel, fill=(0, 0, 0), font=f, anchor="ld")
+            d.text((left, t - 18), ylabel, fill=(0, 0, 0), font=f, anchor="ld")
 
     def _visible(self, x: float, y: float) -> bool:
         return math.isfinite(x) and math.isfinite(y) and (y > 0 or not self.log_y)
@@ -143,13 +143,13 @@ class Axes:
             self.draw.line(pts, fill=s.color, width=s.width)
 
     def vline(self, x: float, color: tuple[int, int, int], dash: int = 4) -> None:
-        l, t, r, b = self.box
+        left, t, r, b = self.box
         px, _ = self.px(x, self.ylim[0])
         for y in range(t, b, 2 * dash):
             self.draw.line([(px, y), (px, min(y + dash, b))], fill=color, width=1)
 
     def legend(self, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
-        l, t, r, b = self.box
+        left, t, r, b = self.box
         y = t + 6
         for label, color in entries:
             w = self.draw.textlength(label, font=self.font)

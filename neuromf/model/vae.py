@@ -101,7 +101,7 @@ def _read_weights_file(weights: Path) -> Any:
         # Only a refused global means "valid file with extra Python objects"; other unpickling errors mean garbage.
         refused = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
         if not refused:
-            raise UserError(f"paths.vae_weights: {weights} is not a readable torch file (corrupt or not a checkpoint)")
+            raise UserError(f"paths.vae_weights: {weights} is not a readable torch file (corrupt or not a checkpoint)") from None
         log.warning(
             "%s holds Python objects beyond tensors, so weights_only=True refused it (%s); "
             "loading it with weights_only=False because the run-spec names it as trusted VAE weights",
@@ -109,11 +109,11 @@ def _read_weights_file(weights: Path) -> Any:
             refused[0][:200],
         )
     except Exception as exc:  # noqa: BLE001 - any other failure here means a bad file
-        raise UserError(f"paths.vae_weights: {weights} is not a readable torch file ({_first_sentence(exc)})")
+        raise UserError(f"paths.vae_weights: {weights} is not a readable torch file ({_first_sentence(exc)})") from None
     try:
         return torch.load(weights, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"paths.vae_weights: {weights} is not a readable torch file ({_first_sentence(exc)})")
+        raise UserError(f"paths.vae_weights: {weights} is not a readable torch file ({_first_sentence(exc)})") from None
 
 
 def _extract_state_dict(obj: Any, weights: Path) -> dict[str, Tensor]:

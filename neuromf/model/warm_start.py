@@ -63,7 +63,7 @@ def fold_maisi_conditioning(
             hidden = F.silu(F.linear(s, layer["spacing_layer.0.weight"], layer["spacing_layer.0.bias"]))
             spacing_emb = F.linear(hidden, layer["spacing_layer.2.weight"], layer["spacing_layer.2.bias"])
         except (KeyError, RuntimeError) as err:
-            raise UserError(f"model.init_from: the checkpoint's spacing_layer is not MAISI's 3 -> D -> D MLP ({err})")
+            raise UserError(f"model.init_from: the checkpoint's spacing_layer is not MAISI's 3 -> D -> D MLP ({err})") from None
         act = F.silu(spacing_emb)
         for key in [k for k in state if k.endswith("time_emb_proj.weight")]:
             weight = state[key]
@@ -100,7 +100,7 @@ def load_pretrained_backbone(
         # must name a checkpoint you trust.
         ckpt: Any = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"model.init_from: {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})")
+        raise UserError(f"model.init_from: {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("unet_state_dict"), dict):
         found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"model.init_from: {path} has no 'unet_state_dict' (found {found})")
