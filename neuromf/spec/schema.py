@@ -310,7 +310,9 @@ class HardwareSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nodes: int = Field(1, ge=1, description="Nodes of a multi-GPU run (one process per GPU, launched by srun or torchrun).")
     gpus_per_node: int = Field(1, ge=1, description="GPUs (= processes) per node; training.batch_size stays the global batch.")
-    num_threads: Optional[int] = Field(None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
+    num_threads: Optional[int] = Field(
+        None, ge=1, le=4096, description="CPU threads for torch (None: torch's default, one per core: fastest on idle "
+        "cores, but CPU training collapses when another process takes a core; the CPU demo sets 1).")
     collective_timeout_s: int = Field(
         1800, ge=10, description="Multi-process runs: how long a rank waits for the others in a collective "
         "(gradient all-reduce, barrier) before failing with an error instead of hanging."
