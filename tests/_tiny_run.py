@@ -25,7 +25,7 @@ def tiny_run_raw(latent_dir: Path, run_dir: Path, max_steps: int) -> dict[str, A
         "name": "tiny-eval",
         "model": {
             "spatial_size": [16, 16, 16], "channels": [8, 16, 32, 64], "attention_levels": [False, False, True, True],
-            "num_head_channels": [0, 0, 8, 8], "num_res_blocks": 1, "norm_num_groups": 8,
+            "num_head_channels": [0, 0, 8, 8], "num_res_blocks": 1, "norm_num_groups": 4,
         },
         "training": {"lr": 1e-3, "warmup_steps": 2, "max_steps": max_steps, "batch_size": 4, "precision": "fp32", "compile": False},
         "ema": {"decay": 0.9},

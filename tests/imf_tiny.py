@@ -15,7 +15,7 @@ TINY: dict[str, Any] = dict(
     attention_levels=[False, False, True, True],
     num_head_channels=[0, 0, 16, 16],
     num_res_blocks=1,
-    norm_num_groups=8,
+    norm_num_groups=4,
 )
 
 

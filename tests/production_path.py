@@ -39,7 +39,7 @@ def production_overrides(root: Path, compile_step: bool = False) -> list[str]:
         "model.spatial_size": "[16,16,16]",
         "model.channels": "[8,16,32,64]",
         "model.num_head_channels": "[0,0,8,8]",
-        "model.norm_num_groups": "8",
+        "model.norm_num_groups": "4",
         "model.num_res_blocks": "1",
         **TINY_VAE,
         # a handful of steps, every periodic action inside them

@@ -88,12 +88,14 @@ BAD_INPUTS = {
     "data_proportion": ("time_sampling:\n  data_proportion: -0.1\n", "time_sampling.data_proportion:"),
     "renamed key": ("meanflow:\n  t_min: 0.1\n", "meanflow.t_min: renamed: use meanflow.denominator_floor"),
     "inconsistent lists": (
-        "model:\n  channels: [8, 16, 32, 64]\n  attention_levels: [false, true]\n  norm_num_groups: 8\n",
+        "model:\n  channels: [8, 16, 32, 64]\n  attention_levels: [false, true]\n  norm_num_groups: 4\n",
         "model.attention_levels: has 2 entries but channels has 4",
     ),
     "norm groups": ("model:\n  channels: [12, 16, 32, 64]\n  norm_num_groups: 8\n", "model.channels: 12 (level 0)"),
+    "one channel per group": ("model:\n  channels: [8, 16, 32, 64]\n  norm_num_groups: 8\n",
+                              "model.norm_num_groups: 8 groups for the 8 channels of level 0 is one channel per group"),
     "spatial size": (
-        "model:\n  spatial_size: [20, 24, 24]\n  channels: [8, 16, 32, 64]\n  norm_num_groups: 8\n"
+        "model:\n  spatial_size: [20, 24, 24]\n  channels: [8, 16, 32, 64]\n  norm_num_groups: 4\n"
         "  num_head_channels: [0, 0, 8, 8]\ndata:\n  source: folder\n  latent_dir: x\n",
         "model.spatial_size: [20, 24, 24] has D = 20, not divisible by the UNet's total downsampling 8",
     ),

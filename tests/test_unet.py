@@ -86,7 +86,7 @@ def test_groupnorm_is_fp32_plain_ops_with_monai_parameter_names() -> None:
     plain = DiffusionModelUNetMaisi(
         spatial_dims=3, in_channels=4, out_channels=4, num_res_blocks=1, num_channels=TINY["channels"],
         attention_levels=TINY["attention_levels"], num_head_channels=TINY["num_head_channels"],
-        norm_num_groups=8, resblock_updown=True, include_fc=True,
+        norm_num_groups=4, resblock_updown=True, include_fc=True,
     )
     assert list(net.unet.state_dict()) == list(plain.state_dict())
     ref = nn.GroupNorm(4, 16, eps=1e-6)
@@ -147,3 +147,27 @@ def test_meta_build_and_parameter_counts() -> None:
 def test_dropout_is_refused() -> None:
     with pytest.raises(UserError, match="model.dropout"):
         build_network(tiny_spec(dropout=0.1))
+
+
+@pytest.mark.parametrize("groups", [8, 4])
+def test_groupnorm_with_one_channel_per_group_removes_the_time_conditioning(groups: int) -> None:
+    """Why model.norm_num_groups must be below every level's channels (the spec refuses 8 groups for 8 channels).
+
+    A ResBlock adds the t/h embedding as a per-channel bias before its second GroupNorm. The first level's first
+    block sees only x, so its output changes with t exactly when the normalisation keeps part of that bias.
+    """
+    spec = tiny_spec().model_copy(update={"norm_num_groups": groups})  # model_copy skips the spec's refusal
+    torch.manual_seed(0)
+    net = build_network(spec)
+    perturb_zero_init(net, std=0.05, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    net.unet.down_blocks[0].resnets[0].register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for t in (0.2, 0.9):
+            net(x, torch.tensor([t]), torch.tensor([0.1]))
+    change = float((outputs[0] - outputs[1]).abs().max() / outputs[0].abs().max())
+    if groups == spec.channels[0]:
+        assert change < 1e-5  # rounding only: t and h are gone
+    else:
+        assert change > 1e-3

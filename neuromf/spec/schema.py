@@ -127,6 +127,15 @@ class ModelSpec(Section):
                     f"spatial_size: {list(self.spatial_size)} has {axis} = {size}, not divisible by the UNet's total "
                     f"downsampling {self.downsampling} (2^(levels - 1) for {n} levels)"
                 )
+        for i, c in enumerate(self.channels):
+            if c == self.norm_num_groups:
+                # A ResBlock adds t and h as a per-channel bias, then GroupNorm subtracts each group's mean: with one
+                # channel per group that removes the bias whole, so the level's blocks never see t or h.
+                raise ValueError(
+                    f"norm_num_groups: {c} groups for the {c} channels of level {i} is one channel per group, which "
+                    "removes the time conditioning there (GroupNorm subtracts the per-channel t/h bias); use fewer "
+                    "groups than the channels of every level"
+                )
         if self.init_from is not None and self.time_scale != 1000.0:
             raise ValueError(
                 "time_scale: must be 1000 with init_from (the pretrained NV-Generate-MR UNet embeds t in 0..1000)"
@@ -307,7 +316,9 @@ class HardwareSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nodes: int = Field(1, ge=1, description="Nodes of a multi-GPU run (one process per GPU, launched by srun or torchrun).")
     gpus_per_node: int = Field(1, ge=1, description="GPUs (= processes) per node; training.batch_size stays the global batch.")
-    num_threads: Optional[int] = Field(None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
+    num_threads: Optional[int] = Field(
+        None, ge=1, le=4096, description="CPU threads for torch (None: torch's default, one per core: fastest on idle "
+        "cores, but CPU training collapses when another process takes a core; the CPU demo sets 1).")
     collective_timeout_s: int = Field(
         1800, ge=10, description="Multi-process runs: how long a rank waits for the others in a collective "
         "(gradient all-reduce, barrier) before failing with an error instead of hanging."

@@ -118,15 +118,27 @@ class RunLog:
         """Advance the bar every step; in plain mode, print a line when `printed` (a logging step)."""
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(epoch=epoch, loss=f"{metrics.get('train/loss_total', float('nan')):.4f}", refresh=False)
+            self._bar.set_postfix(epoch=epoch, **self._shown(metrics), refresh=False)
             return
         if not printed:
             return
         elapsed = time.perf_counter() - self._t0
         rate = (step - self._step0) / elapsed if elapsed > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
-        shown = " | ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if k.startswith("train/"))
+        shown = " | ".join(f"{k} {v}" for k, v in self._shown(metrics).items())
         print(f"step {step}/{self.total_steps} | epoch {epoch} | {shown} | {rate:.2f} it/s | ETA {_duration(eta)}", file=sys.stderr, flush=True)
+
+    def _shown(self, metrics: dict[str, float]) -> dict[str, str]:
+        """The training MSEs of the progress display, and their sum as validation reports it (mse_total).
+
+        Not loss_total: the adaptive weight makes each loss term the batch mean of l / (l + norm_eps) (norm_p 1),
+        about 1 whatever the error, so loss_total sits near 1 + lambda_mf for the whole run; the MSEs are what falls.
+        """
+        fm, mf = metrics.get("train/mse_fm"), metrics.get("train/mse_mf")
+        shown = {name: f"{value:.4g}" for name, value in (("mse_fm", fm), ("mse_mf", mf)) if value is not None}
+        if fm is not None and mf is not None:
+            shown["mse_total"] = f"{fm + self.spec.meanflow.lambda_mf * mf:.4g}"
+        return shown
 
     def write_summary(self) -> None:
         grouped: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "events": []}
