@@ -12,9 +12,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO
 
 from neuromf.errors import UserError
 
@@ -34,7 +35,7 @@ class _RecordingFile:
 
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
-        self.error: Optional[OSError] = None
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         try:
@@ -58,7 +59,7 @@ class _RecordingFile:
 def atomic_open(path: Path) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces `path` only if the block completes."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    recorder: Optional[_RecordingFile] = None
+    recorder: _RecordingFile | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

@@ -8,8 +8,6 @@ all ask it, so none of them can autocast where the others do not.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from neuromf.errors import UserError
@@ -40,7 +38,7 @@ def pick_device(spec: RunSpec) -> torch.device:
     return resolve_device(spec.hardware.device, "hardware.device")
 
 
-def autocast_dtype(spec: RunSpec, device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(spec: RunSpec, device: torch.device) -> torch.dtype | None:
     """The network's autocast dtype on the resolved device (None: plain fp32): bf16 only on a GPU.
 
     On a CPU, bf16 autocast gives NaN gradients through the JVP, so `precision: bf16` with

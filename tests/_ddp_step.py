@@ -43,7 +43,9 @@ def main(spec_path: str, out_dir: str, variants: list[str]) -> None:
             if variant == "bypass":
                 trainer.grad_net = bare
             elif variant == "naive_ddp":
-                trainer.compute = as_compute(naive_imf_loss, mf=spec.meanflow, prediction_type=spec.model.prediction_type)
+                trainer.compute = as_compute(
+                    naive_imf_loss, mf=spec.meanflow, prediction_type=spec.model.prediction_type
+                )
             elif variant != "ddp":
                 raise ValueError(variant)
             applied, metrics = trainer.train_step(batch)

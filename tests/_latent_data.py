@@ -59,22 +59,50 @@ def longitudinal_metas(datasets: dict[str, int], seed: int = 0, first_subject: i
             subject = f"sub_{s:03d}"
             for k in range(1, rng.randint(1, 4) + 1):
                 session = f"ses_{k}"
-                out.append(LatentMeta(f"{dataset}_{subject}_{session}", subject, session, dataset, f"/raw/{dataset}/{subject}/{session}/t1.nii.gz"))
+                out.append(
+                    LatentMeta(
+                        f"{dataset}_{subject}_{session}",
+                        subject,
+                        session,
+                        dataset,
+                        f"/raw/{dataset}/{subject}/{session}/t1.nii.gz",
+                    )
+                )
     return out
 
 
-def write_longitudinal(folder: Path, metas: list, shape: tuple[int, ...] = (4, 8, 8, 8), with_metadata: bool = True) -> None:
+def write_longitudinal(
+    folder: Path, metas: list, shape: tuple[int, ...] = (4, 8, 8, 8), with_metadata: bool = True
+) -> None:
     """One upstream-style .pt per latent: {"z": tensor, "metadata": {...}} (or a plain tensor without metadata)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, m in enumerate(metas):
         z = make_latent(i, shape)
-        obj = {"z": z, "metadata": {"subject_id": m.subject, "session_id": m.session, "dataset": m.dataset,
-                                   "source_path": m.source_path, "latent_filename": f"{m.name}.pt"}} if with_metadata else z
+        obj = (
+            {
+                "z": z,
+                "metadata": {
+                    "subject_id": m.subject,
+                    "session_id": m.session,
+                    "dataset": m.dataset,
+                    "source_path": m.source_path,
+                    "latent_filename": f"{m.name}.pt",
+                },
+            }
+            if with_metadata
+            else z
+        )
         torch.save(obj, folder / f"{m.name}.pt")
 
 
-def write_upstream_shard(path: Path, metas: list, shape: tuple[int, ...] = (4, 8, 8, 8), unwritten: tuple[int, ...] = (),
-                         seed: int = 0, with_latents: bool = True) -> dict[str, torch.Tensor]:
+def write_upstream_shard(
+    path: Path,
+    metas: list,
+    shape: tuple[int, ...] = (4, 8, 8, 8),
+    unwritten: tuple[int, ...] = (),
+    seed: int = 0,
+    with_latents: bool = True,
+) -> dict[str, torch.Tensor]:
     """An upstream encoder shard {dataset}.h5 in its published layout; slots in `unwritten` are left unwritten
     (written False, zeros). Returns name -> tensor of the written slots."""
     import h5py

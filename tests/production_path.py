@@ -94,7 +94,10 @@ def write_tiny_maisi_vae(path: Path) -> None:
 
 def production_env(home: Path) -> dict[str, str]:
     """The trainer's environment: no WANDB_* or cache settings from the caller, and a $HOME that must stay empty."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("WANDB_", "NEUROMF_", "SLURM_", "XDG_")) and k not in {"MPLCONFIGDIR"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WANDB_", "NEUROMF_", "SLURM_", "XDG_")) and k not in {"MPLCONFIGDIR"}
+    }
     env.update(HOME=str(home), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return env

@@ -17,9 +17,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
@@ -31,7 +31,7 @@ def _run(cmd: list[str], timeout: float = 60, **kwargs: object) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
 
 
-def install_problem() -> Optional[str]:
+def install_problem() -> str | None:
     """None when SLURM and munge are installed (installing them with apt-get if needed), else why they are not."""
     if all(shutil.which(p) for p in PROGRAMS):
         return None
@@ -163,7 +163,7 @@ def _munge_works(env: dict[str, str]) -> bool:
         return False
 
 
-def _start_munged(workdir: Path, env: dict[str, str]) -> Optional[subprocess.Popen[bytes]]:
+def _start_munged(workdir: Path, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
     """Start munged as the munge user (None if one already answers). Raises RuntimeError if it cannot."""
     if _munge_works(env):
         return None

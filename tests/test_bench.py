@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import torch
+from imf_tiny import tiny_net
 from torch import nn
 
-from imf_tiny import tiny_net
 from neuromf.bench import BenchOptions, bench
 from neuromf.bench.measure import count_flops, lookup_peak_tflops
+from neuromf.bench.reference import naive_imf_loss
 from neuromf.doctor.meter import MemoryMeter
 from neuromf.meanflow.loss import MeanFlowLoss
-from neuromf.bench.reference import naive_imf_loss
 from neuromf.model.unet import set_gradient_checkpointing
 from neuromf.spec import load_runspec
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
@@ -30,25 +30,76 @@ DEMO = REPO / "runspecs" / "demo.yaml"
 TINY_16 = ["model.spatial_size=[16,16,16]", "data.demo.size=16", "data.demo.n_volumes=8"]
 
 VARIANT_FIELDS = {
-    "name", "description", "compiled", "gradient_checkpointing", "channels_last", "error", "first_step_s",
-    "first_step", "recompiles_during_timing", "skipped_steps", "peak_step_bytes", "peak_total_bytes", "mem_method",
-    "step_s", "step_cpu_s", "data_wait_s", "data_wait_fraction", "latents_per_s", "flops_per_step",
-    "flops_per_latent", "forward_equivalents_per_latent", "achieved_tflops", "mfu",
+    "name",
+    "description",
+    "compiled",
+    "gradient_checkpointing",
+    "channels_last",
+    "error",
+    "first_step_s",
+    "first_step",
+    "recompiles_during_timing",
+    "skipped_steps",
+    "peak_step_bytes",
+    "peak_total_bytes",
+    "mem_method",
+    "step_s",
+    "step_cpu_s",
+    "data_wait_s",
+    "data_wait_fraction",
+    "latents_per_s",
+    "flops_per_step",
+    "flops_per_latent",
+    "forward_equivalents_per_latent",
+    "achieved_tflops",
+    "mfu",
 }
-TOP_FIELDS = {"neuromf_bench", "date", "spec", "device", "versions", "settings", "peak_flops", "peak_source", "variants",
-              "projection", "ratios", "ratios_best", "ratios_cpu", "targets"}
+TOP_FIELDS = {
+    "neuromf_bench",
+    "date",
+    "spec",
+    "device",
+    "versions",
+    "settings",
+    "peak_flops",
+    "peak_source",
+    "variants",
+    "projection",
+    "ratios",
+    "ratios_best",
+    "ratios_cpu",
+    "targets",
+}
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "neuromf", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "neuromf", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
     sets = [a for s in [*TINY_16, f"paths.run_dir={tmp_path / 'run'}"] for a in ("--set", s)]
     out = tmp_path / "res" / "bench.json"
-    res = _cli("bench", str(DEMO), *sets, "--steps", "2", "--warmup", "0", "--batch", "4",
-               "--variants", "naive,eager,fm", "--profile", "3", "--json", str(out), cwd=tmp_path)
+    res = _cli(
+        "bench",
+        str(DEMO),
+        *sets,
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch",
+        "4",
+        "--variants",
+        "naive,eager,fm",
+        "--profile",
+        "3",
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "speedup_eager_vs_naive" in res.stdout and "1st grad norm" in res.stdout
     assert "eager: the ops with the most self time in one step" in res.stdout
@@ -71,7 +122,10 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
         assert v["recompiles_during_timing"] == 0
         prof = v["profile"]  # --profile 3: the three ops with the most self time, the largest first
         assert len(prof) == 3 and set(prof[0]) == {"name", "calls", "self_ms", "share"}
-        assert prof[0]["self_ms"] >= prof[1]["self_ms"] >= prof[2]["self_ms"] > 0 and 0 < sum(k["share"] for k in prof) <= 1
+        assert (
+            prof[0]["self_ms"] >= prof[1]["self_ms"] >= prof[2]["self_ms"] > 0
+            and 0 < sum(k["share"] for k in prof) <= 1
+        )
         assert any("convolution" in k["name"] for k in prof), prof  # a UNet step is mostly convolutions
     eager, naive, fm = (r["variants"][k] for k in ("eager", "naive", "fm"))
     # FLOPs: batch 4 has 1 r = t row; FM = 3 forward-equivalents x 4, iMF adds 3 (JVP) + 3 (pass 2) x 3 rows: 2.5x
@@ -82,7 +136,12 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
     assert naive["peak_step_bytes"] > 1.4 * eager["peak_step_bytes"]
     # same network, batches, noise and times: the first steps' gradients agree
     assert eager["first_step"]["grad_norm"] == pytest.approx(naive["first_step"]["grad_norm"], rel=1e-4)
-    assert set(r["ratios"]) == {"speedup_eager_vs_naive", "memory_eager_vs_naive", "cost_eager_vs_fm", "memory_eager_vs_fm"}
+    assert set(r["ratios"]) == {
+        "speedup_eager_vs_naive",
+        "memory_eager_vs_naive",
+        "cost_eager_vs_fm",
+        "memory_eager_vs_fm",
+    }
     assert set(r["ratios_cpu"]) == set(r["ratios_best"]) == {"speedup_eager_vs_naive", "cost_eager_vs_fm"}
     assert r["ratios"]["memory_eager_vs_naive"] == pytest.approx(eager["peak_step_bytes"] / naive["peak_step_bytes"])
     assert [t["name"] for t in r["targets"]] == ["our step <= 2.5x the flow-matching step (both eager)"]
@@ -93,7 +152,9 @@ def test_cli_bench_steps_2_writes_json_with_all_fields(tmp_path: Path) -> None:
 
 
 def test_cli_bench_bad_micro_batch_is_a_user_error(tmp_path: Path) -> None:
-    res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--batch", "8", "--micro-batch", "3", cwd=tmp_path)
+    res = _cli(
+        "bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--batch", "8", "--micro-batch", "3", cwd=tmp_path
+    )
     assert res.returncode == 2 and "--micro-batch: 3 must be >= 1 and divide --batch 8" in res.stderr
     assert "Traceback" not in res.stderr
     res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--variants", "eager,fast", cwd=tmp_path)
@@ -102,7 +163,15 @@ def test_cli_bench_bad_micro_batch_is_a_user_error(tmp_path: Path) -> None:
     assert res.returncode == 2 and "--profile: -1 must be >= 0" in res.stderr
     # An output that cannot be written is refused before any benchmarking, not after.
     (tmp_path / "a_file").write_text("x")
-    res = _cli("bench", str(DEMO), "--set", f"paths.run_dir={tmp_path}", "--json", str(tmp_path / "a_file" / "out.json"), cwd=tmp_path)
+    res = _cli(
+        "bench",
+        str(DEMO),
+        "--set",
+        f"paths.run_dir={tmp_path}",
+        "--json",
+        str(tmp_path / "a_file" / "out.json"),
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and f"--json: cannot write {tmp_path / 'a_file' / 'out.json'}" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and "benchmarking" not in res.stdout
 
@@ -158,7 +227,9 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 # Two levels (GroupNorm, ResBlocks, resblock up/down sampling, attention) keep a cold CPU compile to a few minutes.
-TWO_LEVELS: dict[str, Any] = dict(channels=[8, 16], attention_levels=[False, True], num_head_channels=[0, 16], spatial_size=(8, 8, 8))
+TWO_LEVELS: dict[str, Any] = dict(
+    channels=[8, 16], attention_levels=[False, True], num_head_channels=[0, 16], spatial_size=(8, 8, 8)
+)
 
 
 def _same_inputs(**net_overrides: Any) -> tuple[nn.Module, MeanFlowLoss, tuple[torch.Tensor, ...]]:
@@ -230,9 +301,14 @@ def test_peak_table() -> None:
 def test_no_product_module_imports_the_benchmark() -> None:
     """The benchmark adapts to the trainer, not the other way round: only neuromf/bench and the `bench` verb import it."""
     package = REPO / "neuromf"
-    importers = [str(p.relative_to(REPO)) for p in sorted(package.rglob("*.py"))
-                 if package / "bench" not in p.parents and p != package / "cli" / "bench.py"
-                 and re.search(r"^\s*(from|import) neuromf\.bench\b", p.read_text(), re.MULTILINE)]
+    importers = [
+        str(p.relative_to(REPO))
+        for p in sorted(package.rglob("*.py"))
+        if package / "bench" not in p.parents
+        and p != package / "cli" / "bench.py"
+        and re.search(r"^\s*(from|import) neuromf\.bench\b", p.read_text(), re.MULTILINE)
+    ]
     assert importers == []
-    assert re.search(r"^\s*from neuromf\.bench", (package / "cli" / "bench.py").read_text(), re.MULTILINE)  # the check sees imports
-
+    assert re.search(
+        r"^\s*from neuromf\.bench", (package / "cli" / "bench.py").read_text(), re.MULTILINE
+    )  # the check sees imports

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from imf_tiny import tiny_net
+
 from neuromf.bench import BenchOptions, bench
 from neuromf.bench.predecessor import PredecessorOptions, predecessor_imf_loss
 from neuromf.meanflow.loss import MeanFlowLoss
@@ -28,7 +28,9 @@ def _predecessor_formula(model, x0, eps, t, r, p: float, norm_eps: float, t_min:
     z_t = (1 - tb) * x0 + tb * eps
     with torch.no_grad():
         v_tilde = u_fn(z_t, t, t)
-    with math_attention():  # fused attention has no forward-mode rule (the predecessor's network had none at these levels)
+    with (
+        math_attention()
+    ):  # fused attention has no forward-mode rule (the predecessor's network had none at these levels)
         u, du_dt = torch.func.jvp(u_fn, (z_t, t, r), (v_tilde, torch.ones_like(t), torch.zeros_like(r)))
     V = u + (t - r).clamp(min=0.0).view(-1, 1, 1, 1, 1) * du_dt.detach()
     raw = ((V - (eps - x0)).abs() ** p).sum(dim=(1, 2, 3, 4))
@@ -41,8 +43,14 @@ def _grads(net: torch.nn.Module) -> list[torch.Tensor]:
 
 # Two levels (attention at the second): the formula's every part, in seconds on a CPU.
 TWO_LEVELS = dict(channels=[8, 16], attention_levels=[False, True], num_head_channels=[0, 16], spatial_size=(8, 8, 8))
-TWO_LEVELS_SET = ["model.channels=[8,16]", "model.attention_levels=[false,true]", "model.num_head_channels=[0,16]",
-                  "model.spatial_size=[8,8,8]", "data.demo.size=8", "data.demo.n_volumes=8"]
+TWO_LEVELS_SET = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=[0,16]",
+    "model.spatial_size=[8,8,8]",
+    "data.demo.size=8",
+    "data.demo.n_volumes=8",
+]
 
 
 def test_predecessor_loss_and_gradients_equal_its_formula() -> None:
@@ -55,7 +63,9 @@ def test_predecessor_loss_and_gradients_equal_its_formula() -> None:
     e, t, r = e.double(), t.double(), r.double()
     assert bool((t[:2] == r[:2]).all()) and bool((t[2:] > r[2:]).all())  # both kinds of rows are in the batch
 
-    ref = _predecessor_formula(lambda z, r_, t_: net(z, t_, t_ - r_), z0, e, t, r, mf.loss_norm, 1.0, mf.denominator_floor)
+    ref = _predecessor_formula(
+        lambda z, r_, t_: net(z, t_, t_ - r_), z0, e, t, r, mf.loss_norm, 1.0, mf.denominator_floor
+    )
     ref.backward()
     g_ref = _grads(net)
     net.zero_grad(set_to_none=True)
@@ -75,14 +85,25 @@ def test_predecessor_loss_and_gradients_equal_its_formula() -> None:
 @pytest.mark.slow
 def test_bench_reports_ratios_against_the_predecessor(tmp_path: Path) -> None:
     spec = load_runspec(DEMO, [*TWO_LEVELS_SET, f"paths.run_dir={tmp_path}", "training.batch_size=4"])
-    opts = BenchOptions(steps=1, warmup=0, variants=["predecessor", "naive", "eager"], data="synthetic", interleave=True,
-                        predecessor=PredecessorOptions(norm_eps=1.0, data_proportion=0.5))
+    opts = BenchOptions(
+        steps=1,
+        warmup=0,
+        variants=["predecessor", "naive", "eager"],
+        data="synthetic",
+        interleave=True,
+        predecessor=PredecessorOptions(norm_eps=1.0, data_proportion=0.5),
+    )
     out = bench(spec, opts)
     pred = out["variants"]["predecessor"]
     assert pred["error"] is None and pred["gradient_checkpointing"] is False
     assert set(pred["first_step"]) >= {"loss_total", "loss_mf", "grad_norm"} and "loss_fm" not in pred["first_step"]
-    against_both = {"speedup_eager_vs_predecessor", "memory_eager_vs_predecessor", "cost_naive_vs_predecessor",
-                    "speedup_eager_vs_naive", "memory_eager_vs_naive"}
+    against_both = {
+        "speedup_eager_vs_predecessor",
+        "memory_eager_vs_predecessor",
+        "cost_naive_vs_predecessor",
+        "speedup_eager_vs_naive",
+        "memory_eager_vs_naive",
+    }
     assert set(out["ratios"]) == against_both and all(v > 0 for v in out["ratios"].values())
     assert out["settings"]["predecessor"] == {"norm_eps": 1.0, "data_proportion": 0.5}
     # the predecessor builds no graph for v_tilde and has no L_FM term: fewer FLOPs than the naive step

@@ -4,8 +4,8 @@ writable folder from the environment is kept, and an unwritable one is replaced 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -17,7 +17,9 @@ DEMO = REPO / "runspecs" / "demo.yaml"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neuromf", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "neuromf", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 def test_compile_mode_in_the_run_spec() -> None:

@@ -8,8 +8,8 @@ the host runtime shim, the worker's pre-flight failures and the launcher's sbatc
 from __future__ import annotations
 
 import fnmatch
-import json
 import importlib.util
+import json
 import os
 import pwd
 import re
@@ -90,9 +90,7 @@ def test_dockerfile_base_image_is_a_build_argument() -> None:
 
 def test_dockerfile_copies_only_files_that_exist_and_are_not_ignored() -> None:
     ignore = [
-        ln.strip()
-        for ln in (REPO / ".dockerignore").read_text().splitlines()
-        if ln.strip() and not ln.startswith("#")
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
     ]
     copies = [rest.split() for word, rest in dockerfile_instructions() if word in {"COPY", "ADD"}]
     assert copies, "the Dockerfile copies nothing"
@@ -149,7 +147,9 @@ def test_dockerfile_needs_no_frontend_and_installs_the_compilers() -> None:
 
     recipe = next(iter(DockerParser(str(REPO / "Dockerfile")).recipe.values()))
     env = dict(e.split("=", 1) for e in recipe.environ)
-    assert re.search(r'pip list --format=freeze > "\$NEUROMF_PIP_FREEZE"', runs) and env["NEUROMF_PIP_FREEZE"].startswith("/")
+    assert re.search(r'pip list --format=freeze > "\$NEUROMF_PIP_FREEZE"', runs) and env[
+        "NEUROMF_PIP_FREEZE"
+    ].startswith("/")
     assert "MPLCONFIGDIR" not in env  # one folder for every user of a node: the trainer picks a per-user one
 
 
@@ -158,8 +158,16 @@ def test_entrypoint_gives_a_user_without_passwd_entry_a_name_and_a_writable_home
     uid = 54321
     assert not any(p.pw_uid == uid for p in pwd.getpwall())
     env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": "/"}  # what `docker run --user 54321:54321` gives
-    done = subprocess.run([str(CONTAINER / "entrypoint.sh"), "sh", "-c", 'echo "$USER|$LOGNAME|$HOME"; touch "$HOME/x"'],
-                          capture_output=True, text=True, env=env, user=uid, group=uid, cwd="/tmp", timeout=60)
+    done = subprocess.run(
+        [str(CONTAINER / "entrypoint.sh"), "sh", "-c", 'echo "$USER|$LOGNAME|$HOME"; touch "$HOME/x"'],
+        capture_output=True,
+        text=True,
+        env=env,
+        user=uid,
+        group=uid,
+        cwd="/tmp",
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"uid{uid}|uid{uid}|/tmp/neuromf-{uid}/home"
 
@@ -211,7 +219,10 @@ def test_def_sections_header_runscript_test_help() -> None:
 def test_def_environment_falls_back_when_the_cache_is_read_only() -> None:
     """%environment under /bin/sh, without USER (as Apptainer evaluates it): defaults, caller's values kept, and
     per-uid /tmp fallbacks for unwritable caches and HOME (a node's /tmp is shared by its users)."""
-    show = def_sections()["environment"] + '\necho "$PYTHONNOUSERSITE|$WANDB_MODE|$TORCHINDUCTOR_CACHE_DIR|$TRITON_CACHE_DIR|$USER|$HOME"\n'
+    show = (
+        def_sections()["environment"]
+        + '\necho "$PYTHONNOUSERSITE|$WANDB_MODE|$TORCHINDUCTOR_CACHE_DIR|$TRITON_CACHE_DIR|$USER|$HOME"\n'
+    )
     user = {"user": "nobody"} if os.geteuid() == 0 else {}  # root may write anywhere: run as nobody
     uid = pwd.getpwnam("nobody").pw_uid if user else os.geteuid()
     name = "nobody" if user else pwd.getpwuid(uid).pw_name
@@ -231,8 +242,13 @@ def test_def_environment_falls_back_when_the_cache_is_read_only() -> None:
         fallback = source(TORCHINDUCTOR_CACHE_DIR=str(readonly / "c"), TRITON_CACHE_DIR=str(readonly / "t"))
         mine = f"/tmp/neuromf-{uid}"
         assert fallback == ["1", "offline", f"{mine}/torchinductor", f"{mine}/triton", name, f"{mine}/home"]
-        kept = source(WANDB_MODE="online", TORCHINDUCTOR_CACHE_DIR=str(writable / "c"),
-                      TRITON_CACHE_DIR=str(writable / "t"), USER="someone", HOME=str(writable))
+        kept = source(
+            WANDB_MODE="online",
+            TORCHINDUCTOR_CACHE_DIR=str(writable / "c"),
+            TRITON_CACHE_DIR=str(writable / "t"),
+            USER="someone",
+            HOME=str(writable),
+        )
         assert kept == ["1", "online", str(writable / "c"), str(writable / "t"), "someone", str(writable)]
         assert (writable / "c").is_dir()
 
@@ -250,7 +266,9 @@ def test_shell_scripts_parse_and_are_executable() -> None:
         assert done.returncode == 0, f"{script.name}: {done.stderr}"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)"
+)
 def test_shell_scripts_pass_shellcheck() -> None:
     done = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
@@ -275,8 +293,22 @@ def test_worker_sbatch_header_and_signal_handling() -> None:
 
 def test_host_runtime_runs_the_command_with_apptainer_semantics(placeholder_sif: Path, tmp_path: Path) -> None:
     shim = str(CONTAINER / "host_runtime.sh")
-    ok = run([shim, "exec", "--nv", "--bind", str(tmp_path), "-B", f"{tmp_path}:{tmp_path}", str(placeholder_sif),
-              "sh", "-c", 'echo "$NEUROMF_TEST_VAR"'], APPTAINERENV_NEUROMF_TEST_VAR="inside")
+    ok = run(
+        [
+            shim,
+            "exec",
+            "--nv",
+            "--bind",
+            str(tmp_path),
+            "-B",
+            f"{tmp_path}:{tmp_path}",
+            str(placeholder_sif),
+            "sh",
+            "-c",
+            'echo "$NEUROMF_TEST_VAR"',
+        ],
+        APPTAINERENV_NEUROMF_TEST_VAR="inside",
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "inside", ok
     remap = run([shim, "exec", "--bind", f"{tmp_path}:/data", str(placeholder_sif), "true"])
     assert remap.returncode == 64 and "different path" in remap.stderr
@@ -306,8 +338,16 @@ def test_worker_preflight_fails_clearly(placeholder_sif: Path, tmp_path: Path) -
     assert no_runtime.returncode == 2 and "container runtime 'no-such-apptainer' not found" in no_runtime.stderr
     bad_spec = worker(demo, "--set", run_dir, "--set", "training.batch_size=0", NEUROMF_SIF=str(placeholder_sif))
     assert bad_spec.returncode == 2 and "PRE-FLIGHT FAILED: training.batch_size" in bad_spec.stderr, bad_spec.stderr
-    missing_data = worker(demo, "--set", run_dir, "--set", "data.source=folder", "--set",
-                          f"data.latent_dir={tmp_path / 'no_latents'}", NEUROMF_SIF=str(placeholder_sif))
+    missing_data = worker(
+        demo,
+        "--set",
+        run_dir,
+        "--set",
+        "data.source=folder",
+        "--set",
+        f"data.latent_dir={tmp_path / 'no_latents'}",
+        NEUROMF_SIF=str(placeholder_sif),
+    )
     assert missing_data.returncode == 2, missing_data
     assert re.search(r"PRE-FLIGHT FAILED: data.latent_dir: \S+no_latents is not a folder", missing_data.stderr)
     no_disk = worker(demo, "--set", run_dir, NEUROMF_SIF=str(placeholder_sif), NEUROMF_MIN_FREE_GB="1000000000")
@@ -323,24 +363,56 @@ def launcher(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_launcher_dry_run_uses_the_default_sbatch_settings(placeholder_sif: Path, tmp_path: Path) -> None:
-    done = launcher("--sif", str(placeholder_sif), "--dry-run", "runspecs/demo.yaml",
-                    "--set", f"paths.run_dir={tmp_path / 'results' / 'run'}")
+    done = launcher(
+        "--sif",
+        str(placeholder_sif),
+        "--dry-run",
+        "runspecs/demo.yaml",
+        "--set",
+        f"paths.run_dir={tmp_path / 'results' / 'run'}",
+    )
     assert done.returncode == 0, done.stderr
     assert "run-spec OK: demo" in done.stdout
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("dry run, would submit:"))
-    for option in ("--job-name=neuromf_p4_train", "--time=2-00:00:00", "--ntasks=1", "--cpus-per-task=16",
-                   "--mem=64G", "--constraint=dgx", "--gres=gpu:1", "--signal=B:USR1@600", "--requeue",
-                   "--open-mode=append", f"--output={tmp_path}/results/phase_4/logs/%x_%j.out"):
+    for option in (
+        "--job-name=neuromf_p4_train",
+        "--time=2-00:00:00",
+        "--ntasks=1",
+        "--cpus-per-task=16",
+        "--mem=64G",
+        "--constraint=dgx",
+        "--gres=gpu:1",
+        "--signal=B:USR1@600",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={tmp_path}/results/phase_4/logs/%x_%j.out",
+    ):
         assert f" {option} " in line, option
-    assert line.endswith(f"container/train_worker.sh {REPO}/runspecs/demo.yaml --set paths.run_dir={tmp_path}/results/run")
+    assert line.endswith(
+        f"container/train_worker.sh {REPO}/runspecs/demo.yaml --set paths.run_dir={tmp_path}/results/run"
+    )
     assert (tmp_path / "results" / "phase_4" / "logs").is_dir() and (tmp_path / "results" / "run").is_dir()
 
 
 def test_launcher_overrides_and_multi_gpu_signal(placeholder_sif: Path, tmp_path: Path) -> None:
-    done = launcher("--sif", str(placeholder_sif), "--dry-run", "--time", "00:05:00", "--gres", "",
-                    "runspecs/demo.yaml", "--set", f"paths.run_dir={tmp_path / 'run'}",
-                    "--set", "hardware.gpus_per_node=2", "--", "--partition=debug",
-                    NEUROMF_CONSTRAINT="", NEUROMF_SIGNAL_LEAD="120")
+    done = launcher(
+        "--sif",
+        str(placeholder_sif),
+        "--dry-run",
+        "--time",
+        "00:05:00",
+        "--gres",
+        "",
+        "runspecs/demo.yaml",
+        "--set",
+        f"paths.run_dir={tmp_path / 'run'}",
+        "--set",
+        "hardware.gpus_per_node=2",
+        "--",
+        "--partition=debug",
+        NEUROMF_CONSTRAINT="",
+        NEUROMF_SIGNAL_LEAD="120",
+    )
     assert done.returncode == 0, done.stderr
     line = done.stdout.splitlines()[-1]
     assert " --time=00:05:00 " in line and " --signal=B:USR2@120 " in line and " --partition=debug " in line
@@ -362,15 +434,33 @@ def test_launcher_refuses_bad_input_before_sbatch(placeholder_sif: Path, tmp_pat
 def test_worker_forwards_the_signal_and_reports_a_stop_outside_slurm(placeholder_sif: Path, tmp_path: Path) -> None:
     """Without SLURM: SIGUSR1 to the worker reaches the backgrounded trainer, which saves and exits 75."""
     run_dir = tmp_path / "run"
-    sets = ["hardware.num_threads=1", "model.spatial_size=[16,16,16]", "data.demo.size=16", "data.demo.n_volumes=16",
-            "training.batch_size=2", "training.max_steps=1000", "logging.progress=plain", "logging.log_every_n_steps=1",
-            f"paths.run_dir={run_dir}"]
-    env = host_env(NEUROMF_RUNTIME=str(CONTAINER / "host_runtime.sh"), NEUROMF_SIF=str(placeholder_sif),
-                   NEUROMF_MIN_FREE_GB="1")
+    sets = [
+        "hardware.num_threads=1",
+        "model.spatial_size=[16,16,16]",
+        "data.demo.size=16",
+        "data.demo.n_volumes=16",
+        "training.batch_size=2",
+        "training.max_steps=1000",
+        "logging.progress=plain",
+        "logging.log_every_n_steps=1",
+        f"paths.run_dir={run_dir}",
+    ]
+    env = host_env(
+        NEUROMF_RUNTIME=str(CONTAINER / "host_runtime.sh"), NEUROMF_SIF=str(placeholder_sif), NEUROMF_MIN_FREE_GB="1"
+    )
     out, err = tmp_path / "worker.out", tmp_path / "worker.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([str(CONTAINER / "train_worker.sh"), str(REPO / "runspecs" / "demo.yaml"),
-                                 *[a for s in sets for a in ("--set", s)]], stdout=o, stderr=e, cwd=REPO, env=env)
+        proc = subprocess.Popen(
+            [
+                str(CONTAINER / "train_worker.sh"),
+                str(REPO / "runspecs" / "demo.yaml"),
+                *[a for s in sets for a in ("--set", s)],
+            ],
+            stdout=o,
+            stderr=e,
+            cwd=REPO,
+            env=env,
+        )
     try:
         log = run_dir / "training_log.jsonl"
         deadline = time.monotonic() + 120
@@ -423,8 +513,12 @@ def local_torch_wheel() -> list[str]:
 
     folders = os.environ.get("PIP_FIND_LINKS", "").split()
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
-    folders += [w for line in listed.stdout.splitlines() if "find-links" in line
-                for w in line.split("=", 1)[1].strip().strip("'\"").split()]
+    folders += [
+        w
+        for line in listed.stdout.splitlines()
+        if "find-links" in line
+        for w in line.split("=", 1)[1].strip().strip("'\"").split()
+    ]
     for folder in folders:
         wheels = sorted(Path(folder.removeprefix("file://")).glob(f"torch-{torch.__version__}-cp*.whl"))
         if wheels:
@@ -443,19 +537,28 @@ def image() -> str:
         if base != LOCAL_BASE:
             pytest.skip(f"base image {base} (NEUROMF_TEST_BASE_IMAGE) is not present")
         if os.geteuid() != 0 or shutil.which("debootstrap") is None:
-            pytest.skip("no base image: Docker Hub is out of reach and container/local_base.sh needs root and debootstrap")
-        made = subprocess.run([str(CONTAINER / "local_base.sh"), "--tag", LOCAL_BASE, *local_torch_wheel()],
-                              capture_output=True, text=True, timeout=1800, cwd=REPO)
+            pytest.skip(
+                "no base image: Docker Hub is out of reach and container/local_base.sh needs root and debootstrap"
+            )
+        made = subprocess.run(
+            [str(CONTAINER / "local_base.sh"), "--tag", LOCAL_BASE, *local_torch_wheel()],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            cwd=REPO,
+        )
         assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-4000:]
     # --network host: the build's apt-get and pip reach the mirrors the way this host does.
-    built = docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}", "-t", TEST_IMAGE, ".",
-                   timeout=2400)
+    built = docker(
+        "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}", "-t", TEST_IMAGE, ".", timeout=2400
+    )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     return TEST_IMAGE
 
 
-def run_image(image: str, *args: str, work: Path | None = None, env: dict[str, str] | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_image(
+    image: str, *args: str, work: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     opts = ["--rm", "--user", "1000:1000", "--read-only", "--tmpfs", "/tmp", "--network", "none"]
     if work is not None:
         opts += ["-v", f"{work}:{work}", "-w", str(work)]
@@ -476,8 +579,13 @@ def test_image_runs_as_any_user_on_a_read_only_root(image: str) -> None:
     assert version.returncode == 0, version
     assert version.stdout.startswith("neuromf ") and re.search(r"^torch==", version.stdout, flags=re.M), version.stdout
     assert re.search(r"^wandb==0\.31\.", version.stdout, flags=re.M), version.stdout
-    compilers = run_image(image, "sh", "-c", 'gcc --version && g++ --version && python -c "import sysconfig, os; '
-                          'assert os.path.isfile(sysconfig.get_paths()[\'include\'] + \'/Python.h\')"')
+    compilers = run_image(
+        image,
+        "sh",
+        "-c",
+        'gcc --version && g++ --version && python -c "import sysconfig, os; '
+        "assert os.path.isfile(sysconfig.get_paths()['include'] + '/Python.h')\"",
+    )
     assert compilers.returncode == 0, compilers
 
 
@@ -490,9 +598,18 @@ def test_image_runs_the_production_path(image: str, tmp_path: Path) -> None:
     work = Path(tempfile.mkdtemp(dir=tmp_path))
     work.chmod(0o777)  # the container's user 1000 writes the run here
     compiled = os.environ.get("NEUROMF_PRODUCTION_COMPILE", "0")
-    done = run_image(image, "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={work}/pytest",
-                     "/opt/neuromf/tests/test_production.py", work=work, env={"NEUROMF_PRODUCTION_COMPILE": compiled},
-                     timeout=3600 if compiled == "1" else 1200)
+    done = run_image(
+        image,
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--basetemp={work}/pytest",
+        "/opt/neuromf/tests/test_production.py",
+        work=work,
+        env={"NEUROMF_PRODUCTION_COMPILE": compiled},
+        timeout=3600 if compiled == "1" else 1200,
+    )
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-6000:] + done.stderr[-3000:]
 
 
@@ -505,12 +622,28 @@ def test_image_compiles_a_training_step(image: str, tmp_path: Path) -> None:
     work.chmod(0o777)
     # A two-level network: the toolchain and the cache are what is checked, and a smaller graph compiles in about a
     # third of the demo network's time (5.5 min against ~15 min on a loaded 2-core CPU, 2026-11-30).
-    sets = {"training.compile": "true", "hardware.num_threads": "1", "paths.run_dir": f"{work}/run",
-            "paths.cache_dir": f"{work}/cache", "model.channels": "[8,16]", "model.attention_levels": "[false,false]",
-            "model.num_head_channels": "[0,8]", "model.norm_num_groups": "4"}
-    done = run_image(image, "doctor", "/opt/neuromf/runspecs/demo.yaml", "--only", "toolchain,compiled_step",
-                     *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], "--json", f"{work}/doctor.json",
-                     work=work, timeout=1800)
+    sets = {
+        "training.compile": "true",
+        "hardware.num_threads": "1",
+        "paths.run_dir": f"{work}/run",
+        "paths.cache_dir": f"{work}/cache",
+        "model.channels": "[8,16]",
+        "model.attention_levels": "[false,false]",
+        "model.num_head_channels": "[0,8]",
+        "model.norm_num_groups": "4",
+    }
+    done = run_image(
+        image,
+        "doctor",
+        "/opt/neuromf/runspecs/demo.yaml",
+        "--only",
+        "toolchain,compiled_step",
+        *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
+        "--json",
+        f"{work}/doctor.json",
+        work=work,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads((work / "doctor.json").read_text())
     by_name = {c["name"]: c for c in report["checks"]}

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from _latent_data import longitudinal_metas, make_latent, numpy_stats, write_latents, write_longitudinal
 from _tiny_run import tiny_run_raw
+
 from neuromf.cli import main
 from neuromf.data.record import VERIFIED_FILE
 
@@ -51,8 +51,15 @@ def lat(tmp_path: Path) -> Path:
 def _stats_file(lat: Path, std_factor: float = 1.0) -> dict[str, Any]:
     tensors = [torch.load(p, weights_only=True)["z"] for p in sorted(lat.glob("*.pt"))]
     s = numpy_stats(tensors)
-    per = {f"channel_{c}": {"mean": float(s["mean"][c]), "std": float(s["std"][c]) * (std_factor if c == 1 else 1.0),
-                            "min": float(s["min"][c]), "max": float(s["max"][c])} for c in range(4)}
+    per = {
+        f"channel_{c}": {
+            "mean": float(s["mean"][c]),
+            "std": float(s["std"][c]) * (std_factor if c == 1 else 1.0),
+            "min": float(s["min"][c]),
+            "max": float(s["max"][c]),
+        }
+        for c in range(4)
+    }
     raw = {"n_files": len(tensors), "per_channel": per}
     (lat / "latent_stats.json").write_text(json.dumps(raw))
     return raw
@@ -61,8 +68,9 @@ def _stats_file(lat: Path, std_factor: float = 1.0) -> dict[str, Any]:
 # ---------------------------------------------------------------- latent_stats.json
 
 
-def test_stale_stats_file_warns_once_in_train_and_refuses_with_stats_file(tmp_path: Path, lat: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_stale_stats_file_warns_once_in_train_and_refuses_with_stats_file(
+    tmp_path: Path, lat: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _stats_file(lat)  # agrees: no warning
     assert main(["train", str(_spec(tmp_path, lat)), "--dry-run"]) == 0
     assert "disagrees" not in capsys.readouterr().err
@@ -82,8 +90,9 @@ def test_stale_stats_file_warns_once_in_train_and_refuses_with_stats_file(tmp_pa
 # ---------------------------------------------------------------- split.json
 
 
-def test_split_json_written_and_a_changed_split_refuses_resume(tmp_path: Path, lat: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_split_json_written_and_a_changed_split_refuses_resume(
+    tmp_path: Path, lat: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = _spec(tmp_path, lat)
     assert main(["train", str(spec)]) == 0
     record_path = tmp_path / "run" / "split.json"
@@ -115,16 +124,35 @@ def test_split_json_written_and_a_changed_split_refuses_resume(tmp_path: Path, l
     assert ("not the training set" in last or "new (PT007_NEW_sub_000_ses_1" in last) and "Traceback" not in err
 
 
-def test_evaluate_uses_the_test_split_by_default_and_says_so(tmp_path: Path, lat: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_uses_the_test_split_by_default_and_says_so(
+    tmp_path: Path, lat: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = _spec(tmp_path, lat, test_fraction=0.3)
     assert main(["train", str(spec)]) == 0
     test_names = json.loads((tmp_path / "run" / "split.json").read_text())["test"]
     assert len(test_names) >= 2
     capsys.readouterr()
     out_json = tmp_path / "ev.json"
-    assert main(["evaluate", str(tmp_path / "run"), "--nfe", "1", "--n", "2", "--device", "cpu", "--no-progress",
-                 "--json", str(out_json), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "run"),
+                "--nfe",
+                "1",
+                "--n",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--json",
+                str(out_json),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out_json.read_text())["reference"] == "test"
     assert "vs test split" in capsys.readouterr().out
 
@@ -132,8 +160,9 @@ def test_evaluate_uses_the_test_split_by_default_and_says_so(tmp_path: Path, lat
 # ---------------------------------------------------------------- shard checksum and absurd values
 
 
-def test_damaged_shard_is_caught_by_the_checksum_and_by_the_batch_check(tmp_path: Path, lat: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_damaged_shard_is_caught_by_the_checksum_and_by_the_batch_check(
+    tmp_path: Path, lat: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = _spec(tmp_path, lat, shard=str(tmp_path / "shard.h5"))
     assert main(["train", str(spec)]) == 0
     verified = json.loads((tmp_path / "run" / VERIFIED_FILE).read_text())
@@ -189,8 +218,10 @@ def test_sigkill_during_shard_verification_leaves_no_half_record(tmp_path: Path)
     assert main(["pack", str(lat), str(shard)]) == 0
     run = tmp_path / "run"
     record = run / VERIFIED_FILE
-    child = ("import sys; from pathlib import Path; from neuromf.data.record import verify_shard_once; "
-             "print('ready', flush=True); verify_shard_once(Path(sys.argv[1]), Path(sys.argv[2]), force=True, progress=False)")
+    child = (
+        "import sys; from pathlib import Path; from neuromf.data.record import verify_shard_once; "
+        "print('ready', flush=True); verify_shard_once(Path(sys.argv[1]), Path(sys.argv[2]), force=True, progress=False)"
+    )
     for delay in (0.0, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25):
         proc = subprocess.Popen([sys.executable, "-c", child, str(run), str(shard)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -200,8 +231,9 @@ def test_sigkill_during_shard_verification_leaves_no_half_record(tmp_path: Path)
         if record.exists():  # whole, and about this very shard
             got = json.loads(record.read_text())
             assert got["size"] == shard.stat().st_size and len(got["content_sha256"]) == 64
-        assert not [p for p in record.parent.glob("*") if p.name != record.name and ".tmp-" not in p.name], \
-            sorted(record.parent.iterdir())  # nothing else: at most the temporary of the killed write
+        assert not [p for p in record.parent.glob("*") if p.name != record.name and ".tmp-" not in p.name], sorted(
+            record.parent.iterdir()
+        )  # nothing else: at most the temporary of the killed write
     # the next start: verifies unless a whole record says this shard was verified; either way a true record after
     verify_shard_once(run, shard, progress=False)
     got = json.loads(record.read_text())
@@ -223,7 +255,9 @@ def test_pack_on_a_full_disk_is_one_line_not_a_crash(tmp_path: Path) -> None:
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:120]}")
     try:
@@ -232,8 +266,13 @@ def test_pack_on_a_full_disk_is_one_line_not_a_crash(tmp_path: Path) -> None:
         # as is (the free-space check refuses), and with the check blind (as on a file system that reports no free
         # space): then reserving the shard's blocks meets ENOSPC, before HDF5 writes any value
         for code in (PACK, "import neuromf.data.pack as p; p._free_bytes = lambda folder: None\n" + PACK):
-            proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lat"), str(out)],
-                                  capture_output=True, text=True, cwd=REPO, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, "-c", code, str(tmp_path / "lat"), str(out)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=300,
+            )
             err = [line for line in proc.stderr.splitlines() if line.strip()]
             assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])  # not 139 (segfault)
             assert len(err) == 1 and err[0].startswith(f"{out}: cannot write the shard"), err
@@ -302,8 +341,13 @@ sys.exit(main(["pack", sys.argv[1], sys.argv[2], "--no-progress"]))
 def test_file_vanishing_while_packing(tmp_path: Path) -> None:
     write_latents(tmp_path / "lat", 4)
     out = tmp_path / "out.h5"
-    proc = subprocess.run([sys.executable, "-c", VANISH, str(tmp_path / "lat"), str(out)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", VANISH, str(tmp_path / "lat"), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "sub-002.pt: cannot read (FileNotFoundError" in err[0], err

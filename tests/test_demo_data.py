@@ -108,9 +108,7 @@ def test_cli_writes_a_set_and_refuses_a_foreign_folder(tmp_path: Path, capsys: p
     assert "--size" in capsys.readouterr().err
 
 
-def test_interrupted_build_leaves_nothing_that_looks_complete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "set"
     real = demo.make_demo_volume
 

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from slurm_fixture import slurm_cluster  # noqa: F401  (the fixture is used by name)
+from test_trainer import tiny_raw
 
 from neuromf.data.demo import build_demo_dataset
 from neuromf.data.prepare import prepare_data
@@ -29,8 +31,6 @@ from neuromf.spec import RunSpec, runspec_from_dict
 from neuromf.train.checkpoint import load_checkpoint
 from neuromf.train.distributed import CollectiveError, check_world, detect_launch, first_host
 from neuromf.train.loop import Trainer, train
-from slurm_fixture import slurm_cluster  # noqa: F401  (the fixture is used by name)
-from test_trainer import tiny_raw
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -50,9 +50,13 @@ def latent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def ddp_raw(latent_dir: Path, run_dir: Path, processes: int, **training: Any) -> dict[str, Any]:
     """The tiny run-spec with the global batch 4 split as `processes` x (2 / processes) micro-batches."""
-    raw = tiny_raw(latent_dir, run_dir, training={"max_steps": MAX_STEPS, "accumulate_grad_batches": 2 // processes, **training},
-                   sampling={"every_n_epochs": 1000, "n_samples": 2, "nfe": [1]},
-                   checkpoint={"save_every_n_epochs": 1, "latest_every_n_steps": 2, "keep_last": 5})
+    raw = tiny_raw(
+        latent_dir,
+        run_dir,
+        training={"max_steps": MAX_STEPS, "accumulate_grad_batches": 2 // processes, **training},
+        sampling={"every_n_epochs": 1000, "n_samples": 2, "nfe": [1]},
+        checkpoint={"save_every_n_epochs": 1, "latest_every_n_steps": 2, "keep_last": 5},
+    )
     return raw
 
 
@@ -96,8 +100,18 @@ def _plain_rank_envs(world: int = 2) -> list[dict[str, str]]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [{**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"} for r in range(world)]
+    return [
+        {
+            **os.environ,
+            "RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(r),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        for r in range(world)
+    ]
 
 
 def log_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -111,8 +125,15 @@ def test_the_launcher_is_read_from_the_environment() -> None:
     torchrun_env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29400"}
     got = detect_launch(torchrun_env)
     assert (got.rank, got.world_size, got.local_rank, got.launcher, got.master_port) == (1, 4, 1, "torchrun", 29400)
-    step = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-            "SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    step = {
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "4242",
+    }
     got = detect_launch(step)
     assert (got.rank, got.world_size, got.local_rank, got.launcher) == (5, 8, 1, "slurm")
     assert got.master_addr in {"gpu07"} and 12000 <= got.master_port < 32000
@@ -137,11 +158,15 @@ def test_first_host_of_a_slurm_node_list() -> None:
 def test_the_global_batch_must_split_evenly(latent_dir: Path, tmp_path: Path) -> None:
     spec = spec_of(ddp_raw(latent_dir, tmp_path / "run", 1))  # batch 4, accumulate 2
     check_world(spec, 2, torch.device("cpu"))  # 2 x 2 divides 4
-    with pytest.raises(UserError, match=r"training.batch_size: 4 is the global batch .* 3 process\(es\) x .*accumulate_grad_batches 2"):
+    with pytest.raises(
+        UserError, match=r"training.batch_size: 4 is the global batch .* 3 process\(es\) x .*accumulate_grad_batches 2"
+    ):
         check_world(spec, 3, torch.device("cpu"))
     with pytest.raises(Exception, match="training.batch_size: 4 \\(the global batch\\) is not divisible by 4 GPU"):
-        runspec_from_dict({**ddp_raw(latent_dir, tmp_path / "run", 1), "hardware": {"device": "cpu", "gpus_per_node": 4}},
-                          base_dir=tmp_path)
+        runspec_from_dict(
+            {**ddp_raw(latent_dir, tmp_path / "run", 1), "hardware": {"device": "cpu", "gpus_per_node": 4}},
+            base_dir=tmp_path,
+        )
 
 
 def test_the_data_order_resumes_with_another_number_of_processes(latent_dir: Path, tmp_path: Path) -> None:
@@ -186,8 +211,12 @@ except Exception as e:
 @pytest.mark.parametrize("how", ["dead", "hang"])
 def test_a_dead_or_hanging_rank_is_a_clear_error_not_a_hang(how: str, tmp_path: Path) -> None:
     """Two plain processes (no torchrun, which would end rank 0 itself): rank 1 leaves, or sleeps past the timeout."""
-    procs = [subprocess.Popen([sys.executable, "-c", HANG, how], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for env in _plain_rank_envs()]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HANG, how], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for env in _plain_rank_envs()
+    ]
     t0 = time.monotonic()
     out, _ = procs[0].communicate(timeout=120)
     waited = time.monotonic() - t0
@@ -211,8 +240,17 @@ def test_rank_0_failing_to_pack_the_data_ends_every_rank(latent_dir: Path, tmp_p
     broken = sorted(bad_dir.glob("*.pt"))[3]
     broken.write_bytes(b"not a tensor")
     spec = write(ddp_raw(bad_dir, tmp_path / "run", 2), tmp_path / "bad.yaml")
-    procs = [subprocess.Popen([sys.executable, "-m", "neuromf", "train", str(spec)], env=env, cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for env in _plain_rank_envs()]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "neuromf", "train", str(spec)],
+            env=env,
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for env in _plain_rank_envs()
+    ]
     outs = [p.communicate(timeout=100)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], outs
     assert broken.name in outs[0] and "rank 1: preparing the data failed on rank 0 (UserError: " in outs[1], outs
@@ -232,7 +270,9 @@ def test_one_step_of_two_processes_equals_one_process_and_a_bypass_diverges(late
     two = write(ddp_raw(latent_dir, tmp_path / "two", 2), tmp_path / "two.yaml")
     done = torchrun(str(REPO / "tests" / "_ddp_step.py"), str(two), str(tmp_path), "ddp", "bypass")
     assert done.returncode == 0, done.stderr[-4000:]
-    ranks = {v: [torch.load(tmp_path / f"{v}_rank{r}.pt", weights_only=False) for r in range(2)] for v in ("ddp", "bypass")}
+    ranks = {
+        v: [torch.load(tmp_path / f"{v}_rank{r}.pt", weights_only=False) for r in range(2)] for v in ("ddp", "bypass")
+    }
     for results in ranks.values():
         assert all("error" not in r for r in results), results
 
@@ -285,7 +325,10 @@ def test_two_processes_train_like_one(straight_runs: dict[str, Path]) -> None:
     steps = [r["step"] for r in log_records(straight_runs["two"]) if "train/loss_total" in r]
     assert steps == list(range(1, MAX_STEPS + 1))
     assert sorted(p.name for p in (straight_runs["two"] / "checkpoints").glob("epoch_*.pt")) == [
-        "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt"]
+        "epoch_0001.pt",
+        "epoch_0002.pt",
+        "epoch_0003.pt",
+    ]
 
 
 @needs_torchrun
@@ -327,14 +370,22 @@ def _worker_pids(parent: int) -> dict[int, int]:
 
 @needs_torchrun
 @pytest.mark.slow
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(latent_dir: Path, straight_runs: dict[str, Path]) -> None:
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(
+    latent_dir: Path, straight_runs: dict[str, Path]
+) -> None:
     """SIGUSR1 to rank 1 only: both ranks stop after the same step, rank 0 saves, both exit 75; the checkpoint
     then finishes in ONE process with the weights of the uninterrupted run."""
     run_dir = straight_runs["base"] / "signalled"
     spec = write(ddp_raw(latent_dir, run_dir, 2, max_steps=MAX_STEPS), straight_runs["base"] / "signalled.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "neuromf", "train", str(spec)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "neuromf", "train", str(spec)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         log = run_dir / "training_log.jsonl"
@@ -367,12 +418,32 @@ def test_the_launcher_asks_for_one_task_per_gpu(tmp_path: Path) -> None:
     """container/train.sh --dry-run on a 2 nodes x 3 GPUs run-spec: the sbatch options of a multi-GPU job."""
     sif = tmp_path / "trainer.sif"
     sif.write_text("placeholder\n")
-    env = {**os.environ, "NEUROMF_RUNTIME": str(REPO / "container" / "host_runtime.sh"), "NEUROMF_SIF": str(sif),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([str(REPO / "container" / "train.sh"), "--dry-run", "runspecs/demo.yaml",
-                           "--set", f"paths.run_dir={tmp_path / 'run'}", "--set", "hardware.nodes=2",
-                           "--set", "hardware.gpus_per_node=3", "--set", "training.batch_size=12"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    env = {
+        **os.environ,
+        "NEUROMF_RUNTIME": str(REPO / "container" / "host_runtime.sh"),
+        "NEUROMF_SIF": str(sif),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        [
+            str(REPO / "container" / "train.sh"),
+            "--dry-run",
+            "runspecs/demo.yaml",
+            "--set",
+            f"paths.run_dir={tmp_path / 'run'}",
+            "--set",
+            "hardware.nodes=2",
+            "--set",
+            "hardware.gpus_per_node=3",
+            "--set",
+            "training.batch_size=12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("dry run, would submit:"))
     for option in ("--nodes=2", "--ntasks=6", "--ntasks-per-node=3", "--gres=gpu:3", "--signal=B:USR2@600"):
@@ -395,8 +466,15 @@ def test_a_two_task_slurm_job_stops_on_usr2_requeues_and_finishes(slurm_cluster:
     from test_slurm import DEMO, SHORT_RUN, events, launch, sets
 
     max_steps = 10
-    run = [*SHORT_RUN, "hardware.gpus_per_node=2", f"training.max_steps={max_steps}", "logging.log_every_n_steps=1",
-           "checkpoint.latest_every_n_steps=1000", "sampling.n_samples=2", "sampling.nfe=[1]"]
+    run = [
+        *SHORT_RUN,
+        "hardware.gpus_per_node=2",
+        f"training.max_steps={max_steps}",
+        "logging.log_every_n_steps=1",
+        "checkpoint.latest_every_n_steps=1000",
+        "sampling.n_samples=2",
+        "sampling.nfe=[1]",
+    ]
     slurm_dir = tmp_path / "slurm" / "run"
     submitted = launch(_slurm_job_env(slurm_cluster, tmp_path), str(DEMO), *sets(*run, f"paths.run_dir={slurm_dir}"))
     assert submitted.returncode == 0, submitted
@@ -438,8 +516,9 @@ def test_a_two_task_slurm_job_stops_on_usr2_requeues_and_finishes(slurm_cluster:
     ref_dir = tmp_path / "reference" / "run"
     from neuromf.spec import load_runspec
 
-    reference = load_runspec(DEMO, [*run, "hardware.gpus_per_node=1", "training.accumulate_grad_batches=2",
-                                    f"paths.run_dir={ref_dir}"])
+    reference = load_runspec(
+        DEMO, [*run, "hardware.gpus_per_node=1", "training.accumulate_grad_batches=2", f"paths.run_dir={ref_dir}"]
+    )
     assert train(reference) == 0
     got, want = final(slurm_dir), final(ref_dir)
     assert got["global_step"] == want["global_step"] == max_steps

@@ -20,8 +20,15 @@ from neuromf.spec import load_runspec
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "runspecs" / "demo.yaml"
 # Two levels at 8^3 (attention at the second): every kind of layer, seconds per check on a CPU.
-TINY = ["model.channels=[8,16]", "model.attention_levels=[false,true]", "model.num_head_channels=[0,16]",
-        "model.spatial_size=[8,8,8]", "data.demo.size=8", "data.demo.n_volumes=16", "training.batch_size=4"]
+TINY = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=[0,16]",
+    "model.spatial_size=[8,8,8]",
+    "data.demo.size=8",
+    "data.demo.n_volumes=16",
+    "training.batch_size=4",
+]
 
 
 def _spec(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
@@ -29,8 +36,14 @@ def _spec(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neuromf", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "neuromf", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def _bf16_context(tmp_path: Path) -> DoctorContext:
@@ -52,7 +65,9 @@ def test_doctor_cli_passes_on_cpu_and_writes_its_report(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "run" / "doctor.json").read_text())
     assert report["ok"] is True and [c["name"] for c in report["checks"]][:2] == ["device", "toolchain"]
     thr = next(c for c in report["checks"] if c["name"] == "throughput")
-    assert thr["details"]["total_steps"] == load_runspec(DEMO).training.max_steps and thr["details"]["projected_hours"] > 0
+    assert (
+        thr["details"]["total_steps"] == load_runspec(DEMO).training.max_steps and thr["details"]["projected_hours"] > 0
+    )
     assert not list((tmp_path / "run").glob(".*tmp*"))  # written atomically: no temporary left
 
 
@@ -92,8 +107,13 @@ def test_no_compiler_on_path_is_a_one_line_fail(tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
     env = {"PATH": str(empty), "CC": "", "CXX": ""}
-    args = ["doctor", str(DEMO), *sum((["--set", s] for s in [*TINY, f"paths.run_dir={tmp_path / 'run'}", "training.compile=true"]), []),
-            "--only", "toolchain,compiled_step"]
+    args = [
+        "doctor",
+        str(DEMO),
+        *sum((["--set", s] for s in [*TINY, f"paths.run_dir={tmp_path / 'run'}", "training.compile=true"]), []),
+        "--only",
+        "toolchain,compiled_step",
+    ]
     res = _cli(*args, env=env)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "FAIL toolchain: torch.compile cannot build kernels here; missing: a C++ compiler (g++ on PATH" in res.stdout
@@ -112,7 +132,9 @@ def test_an_absurd_batch_fails_with_the_setting_that_fits(tmp_path: Path) -> Non
 
 
 def test_missing_data_fails_and_bad_input_exits_2(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, "data.source=shard", f"data.shard={tmp_path / 'none.h5'}", f"data.latent_dir={tmp_path / 'none'}")
+    spec = _spec(
+        tmp_path, "data.source=shard", f"data.shard={tmp_path / 'none.h5'}", f"data.latent_dir={tmp_path / 'none'}"
+    )
     (res,) = run_doctor(spec, only=["data_residency"])
     assert res.ok is False and "cannot count the latents" in res.summary
     bad = _cli("doctor", str(DEMO), "--only", "memroy", "--set", f"paths.run_dir={tmp_path / 'r'}")
@@ -129,4 +151,7 @@ def test_validate_check_device_runs_the_doctor(tmp_path: Path) -> None:
     assert "PASS jvp: " in res.stdout and "PASS memory: " in res.stdout
     assert "FAIL toolchain: " in res.stderr and "FAIL compiled_step: " in res.stderr and "Traceback" not in res.stderr
     report = json.loads((tmp_path / "run" / "doctor.json").read_text())
-    assert report["ok"] is False and {c["name"] for c in report["checks"] if c["status"] == "FAIL"} == {"toolchain", "compiled_step"}
+    assert report["ok"] is False and {c["name"] for c in report["checks"] if c["status"] == "FAIL"} == {
+        "toolchain",
+        "compiled_step",
+    }

@@ -12,9 +12,9 @@ import pytest
 import scipy.linalg
 import scipy.stats
 import torch
+from _tiny_run import build_tiny_run
 from PIL import Image
 
-from _tiny_run import build_tiny_run
 from neuromf.cli import main
 from neuromf.data.demo import build_demo_dataset
 from neuromf.data.latents import read_latent
@@ -121,7 +121,10 @@ def test_mmd_matches_a_direct_double_loop() -> None:
 
 def test_moments_match_scipy_over_batches() -> None:
     rng = np.random.default_rng(2)
-    x = np.concatenate([rng.gamma(2.0, 1.5, size=(5, 1, 6, 6, 6)), rng.normal(3.0, 0.2, size=(5, 1, 6, 6, 6))], axis=1) + 100.0
+    x = (
+        np.concatenate([rng.gamma(2.0, 1.5, size=(5, 1, 6, 6, 6)), rng.normal(3.0, 0.2, size=(5, 1, 6, 6, 6))], axis=1)
+        + 100.0
+    )
     acc = MomentAccumulator()
     for part in np.split(x, [2, 3]):  # uneven batches
         acc.update(torch.from_numpy(part).float())
@@ -140,7 +143,9 @@ def test_moments_match_scipy_over_batches() -> None:
 def test_diversity_and_histogram_overlap() -> None:
     x = torch.randn(6, 2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     flat = x.reshape(6, -1).double()
-    want = np.mean([float((flat[i] - flat[j]).norm()) / flat.shape[1] ** 0.5 for i in range(6) for j in range(i + 1, 6)])
+    want = np.mean(
+        [float((flat[i] - flat[j]).norm()) / flat.shape[1] ** 0.5 for i in range(6) for j in range(i + 1, 6)]
+    )
     assert mean_pairwise_distance(x) == pytest.approx(want, rel=1e-9)
     assert mean_pairwise_distance(x[:1].expand(5, -1, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)  # mode collapse
     assert histogram_overlap(np.array([1, 2, 3]), np.array([2, 4, 6])) == pytest.approx(1.0)
@@ -174,11 +179,30 @@ def test_sample_noise_depends_only_on_seed_and_index() -> None:
 # ---------------------------------------------------------------- `neuromf sample`
 
 
-def test_sample_writes_latents_volumes_and_one_grid_per_nfe(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_sample_writes_latents_volumes_and_one_grid_per_nfe(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "samples"
     ckpt = tiny_run / "checkpoints" / "latest.pt"
-    rc = main(["sample", str(ckpt), "--n", "3", "--nfe", "1,2", "--seed", "5", "--out", str(out), "--batch-size", "2",
-               "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "sample",
+            str(ckpt),
+            "--n",
+            "3",
+            "--nfe",
+            "1,2",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     for k in (1, 2):
         z = torch.load(out / f"ema_nfe{k}_latents.pt", weights_only=True)
@@ -196,8 +220,31 @@ def test_sample_writes_latents_volumes_and_one_grid_per_nfe(tiny_run: Path, tmp_
 
     # sample i depends on (seed, i) only: a second call with another batch size gives the same first two samples
     out2 = tmp_path / "again"
-    assert main(["sample", str(tiny_run), "--n", "2", "--nfe", "1", "--seed", "5", "--out", str(out2), "--batch-size", "1",
-                 "--weights", "online", "--no-volumes", "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(tiny_run),
+                "--n",
+                "2",
+                "--nfe",
+                "1",
+                "--seed",
+                "5",
+                "--out",
+                str(out2),
+                "--batch-size",
+                "1",
+                "--weights",
+                "online",
+                "--no-volumes",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert not list(out2.glob("*.nii.gz"))
     online = torch.load(out2 / "online_nfe1_latents.pt")
     assert online.shape == (2, 4, 16, 16, 16)
@@ -207,8 +254,27 @@ def test_sample_writes_latents_volumes_and_one_grid_per_nfe(tiny_run: Path, tmp_
 def test_sample_is_deterministic_across_batch_sizes(tiny_run: Path, tmp_path: Path) -> None:
     ckpt = str(tiny_run / "checkpoints" / "latest.pt")
     for bs, name in ((3, "a"), (1, "b")):
-        assert main(["sample", ckpt, "--n", "3", "--nfe", "1", "--out", str(tmp_path / name), "--batch-size", str(bs),
-                     "--no-volumes", "--device", "cpu", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    ckpt,
+                    "--n",
+                    "3",
+                    "--nfe",
+                    "1",
+                    "--out",
+                    str(tmp_path / name),
+                    "--batch-size",
+                    str(bs),
+                    "--no-volumes",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     a, b = (torch.load(tmp_path / n / "ema_nfe1_latents.pt") for n in "ab")
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -218,8 +284,21 @@ def test_sample_is_deterministic_across_batch_sizes(tiny_run: Path, tmp_path: Pa
 
 def test_evaluate_writes_json_and_histograms(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out_json = tmp_path / "eval.json"
-    rc = main(["evaluate", str(tiny_run), "--nfe", "1,2", "--json", str(out_json), "--out", str(tmp_path / "ev"),
-               "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "evaluate",
+            str(tiny_run),
+            "--nfe",
+            "1,2",
+            "--json",
+            str(out_json),
+            "--out",
+            str(tmp_path / "ev"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     summary = json.loads(out_json.read_text())
@@ -273,7 +352,9 @@ def _bad_inputs(tiny_run: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
 
 
 @pytest.mark.parametrize("case", ["not a run", "missing", "garbage", "incompatible", "invalid spec", "n zero", "n one"])
-def test_bad_input_is_a_clear_error_with_exit_2(case: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_is_a_clear_error_with_exit_2(
+    case: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     argv, message = _bad_inputs(tiny_run, tmp_path)[case]
     assert main(argv + ["--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -318,18 +399,28 @@ def test_a_checkpoint_saved_with_meanflow_t_min_still_samples_and_resumes(tiny_r
     loaded = load_for_eval(old)
     assert loaded.spec.meanflow.denominator_floor == 0.2
     out = tmp_path / "o"
-    assert main(["sample", str(old), "--n", "1", "--nfe", "2", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(["sample", str(old), "--n", "1", "--nfe", "2", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    )
     assert (out / "ema_nfe2_latents.pt").is_file()
     check_compatible(load_for_eval(tiny_run).spec, old, load_named(old, torch.device("cpu")))  # --resume accepts it
 
 
-def test_sample_decodes_through_the_vae_of_the_run_spec(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_sample_decodes_through_the_vae_of_the_run_spec(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """A run-spec with vae.decoder maisi: volumes are the VAE's decode of z / scale_factor (a tiny saved VAE)."""
     from neuromf.model.vae import build_vae, decode_latents
     from neuromf.spec.schema import VAESpec
 
-    vae_raw = {"decoder": "maisi", "num_channels": [8, 16], "num_res_blocks": [1, 1], "latent_channels": 4,
-               "norm_num_groups": 4, "scale_factor": 0.5}
+    vae_raw = {
+        "decoder": "maisi",
+        "num_channels": [8, 16],
+        "num_res_blocks": [1, 1],
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "scale_factor": 0.5,
+    }
     torch.manual_seed(0)
     weights = tmp_path / "vae.pt"
     torch.save({"unet_state_dict": build_vae(VAESpec(**vae_raw)).state_dict()}, weights)
@@ -341,7 +432,10 @@ def test_sample_decodes_through_the_vae_of_the_run_spec(tiny_run: Path, tmp_path
     torch.save(state, ckpt)
 
     out = tmp_path / "decoded"
-    assert main(["sample", str(ckpt), "--n", "2", "--nfe", "1", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(["sample", str(ckpt), "--n", "2", "--nfe", "1", "--out", str(out), "--device", "cpu", "--no-progress"])
+        == 0
+    )
     z = torch.load(out / "ema_nfe1_latents.pt")
     vol = nib.load(out / "ema_nfe1_sample_01.nii.gz").get_fdata(dtype=np.float32)
     assert vol.shape == (32, 32, 32)  # two VAE levels: x2 per axis, one output channel
@@ -350,12 +444,16 @@ def test_sample_decodes_through_the_vae_of_the_run_spec(tiny_run: Path, tmp_path
 
     state["config"]["paths"]["vae_weights"] = None
     torch.save(state, ckpt)
-    assert main(["sample", str(ckpt), "--n", "1", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 2
+    assert (
+        main(["sample", str(ckpt), "--n", "1", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 2
+    )
     assert "paths.vae_weights: not set" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("device", ["tpu", "nonsense"])
-def test_an_unknown_device_is_a_clear_error(device: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_unknown_device_is_a_clear_error(
+    device: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["sample", str(tiny_run), "--n", "1", "--out", str(tmp_path / "o"), "--device", device]) == 2
     assert f"--device {device}: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -23,7 +23,9 @@ from neuromf.evaluation.metrics import GaussianAccumulator, frechet_distance_of_
 class _MedBottleneck(nn.Module):
     """Tencent MedicalNet's Bottleneck (models/resnet.py): stride and dilation on the 3x3x3 convolution, no biases."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm3d(planes)
@@ -52,7 +54,9 @@ class _MedicalNet(nn.Module):
             down = None
             if stride != 1 or inplanes != p * 4:
                 down = nn.Sequential(nn.Conv3d(inplanes, p * 4, 1, stride=stride, bias=False), nn.BatchNorm3d(p * 4))
-            layers = [_MedBottleneck(inplanes, p, stride, dil, down)] + [_MedBottleneck(p * 4, p, 1, dil) for _ in range(1, n)]
+            layers = [_MedBottleneck(inplanes, p, stride, dil, down)] + [
+                _MedBottleneck(p * 4, p, 1, dil) for _ in range(1, n)
+            ]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
             inplanes = p * 4
 
@@ -73,7 +77,9 @@ def _randomise_bn(net: nn.Module, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-def save_medicalnet(path: Path, planes: tuple[int, ...] = (4, 4, 8, 8), blocks: tuple[int, ...] = (1, 2, 1, 1)) -> _MedicalNet:
+def save_medicalnet(
+    path: Path, planes: tuple[int, ...] = (4, 4, 8, 8), blocks: tuple[int, ...] = (1, 2, 1, 1)
+) -> _MedicalNet:
     """A tiny MedicalNet in its published file layout: {'state_dict': {'module.conv1.weight': ...}}."""
     torch.manual_seed(0)
     net = _randomise_bn(_MedicalNet(planes, blocks))
@@ -135,8 +141,13 @@ def test_medicalnet_full_size_keys_are_medicalnets() -> None:
 def test_radimagenet_layout_is_the_hub_files() -> None:
     state = KerasResNet().state_dict()
     assert len(state) == 371  # 53 convolutions with bias, 53 BatchNorms, no fc
-    for key, shape in {"conv1.weight": (64, 3, 7, 7), "conv1.bias": (64,), "layer1.0.downsample.0.bias": (256,),
-                       "layer2.0.conv1.weight": (128, 256, 1, 1), "layer4.2.bn3.running_var": (2048,)}.items():
+    for key, shape in {
+        "conv1.weight": (64, 3, 7, 7),
+        "conv1.bias": (64,),
+        "layer1.0.downsample.0.bias": (256,),
+        "layer2.0.conv1.weight": (128, 256, 1, 1),
+        "layer4.2.bn3.running_var": (2048,),
+    }.items():
         assert tuple(state[key].shape) == shape
     assert not any(k.startswith("fc.") for k in state)
     net = KerasResNet(4, (2, 4, 4, 8), (1, 1, 1, 1)).eval()

@@ -12,20 +12,35 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ("model.channels=[8,16] model.attention_levels=[false,true] model.num_head_channels=[0,16] "
-        "model.spatial_size=[8,8,8] data.demo.size=8 data.demo.n_volumes=16 training.batch_size=4")
+TINY = (
+    "model.channels=[8,16] model.attention_levels=[false,true] model.num_head_channels=[0,16] "
+    "model.spatial_size=[8,8,8] data.demo.size=8 data.demo.n_volumes=16 training.batch_size=4"
+)
 
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_end_to_end_within_its_budget(tmp_path: Path) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
     budget = 240  # a few minutes on a shared 2-core machine; stages that do not fit are skipped (asserted below)
-    env = {**os.environ, "GPU_CHECK_SPEC": "runspecs/demo.yaml", "GPU_CHECK_BUDGET_S": str(budget), "GPU_CHECK_SETS": TINY,
-           "GPU_CHECK_STEPS": "1", "GPU_CHECK_COMPARE": "predecessor,eager", "GPU_CHECK_BIG_BATCH": "8",
-           "NEUROMF": f"{sys.executable} -m neuromf"}
+    env = {
+        **os.environ,
+        "GPU_CHECK_SPEC": "runspecs/demo.yaml",
+        "GPU_CHECK_BUDGET_S": str(budget),
+        "GPU_CHECK_SETS": TINY,
+        "GPU_CHECK_STEPS": "1",
+        "GPU_CHECK_COMPARE": "predecessor,eager",
+        "GPU_CHECK_BIG_BATCH": "8",
+        "NEUROMF": f"{sys.executable} -m neuromf",
+    }
     start = time.monotonic()
-    res = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), str(cache)], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=budget + 120)
+    res = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(out), str(cache)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=budget + 120,
+    )
     took = time.monotonic() - start
     assert res.returncode == 0, res.stdout + res.stderr
     assert took < budget + 60  # every stage ran within what was left

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from imf_tiny import tiny_net
 from torch import nn
 
-from imf_tiny import tiny_net
 from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.model.unet import MeanFlowUNet, set_gradient_checkpointing
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec

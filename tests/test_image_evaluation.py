@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from _tiny_run import build_tiny_run
+from test_extractors import save_medicalnet, save_radimagenet
+
 from neuromf.cli import main
 from neuromf.evaluation.featurize import held_out_split
 from neuromf.spec.schema import EvaluationSpec
-from test_extractors import save_medicalnet, save_radimagenet
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +39,35 @@ def test_held_out_split_prefers_test() -> None:
     assert held_out_split(SimpleNamespace(val_names=["a"])) == "val"
 
 
-def test_pooled_latent_is_labelled_not_comparable(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_pooled_latent_is_labelled_not_comparable(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     summary, out = _evaluate([str(tiny_run), "--features", "pooled", "--space", "latent"], tmp_path / "pooled", capsys)
-    assert summary["extractor"] == {"features": "pooled", "space": "latent", "weights": None, "weights_sha256": None,
-                                    "description": summary["extractor"]["description"], "comparable_with_literature": False}
+    assert summary["extractor"] == {
+        "features": "pooled",
+        "space": "latent",
+        "weights": None,
+        "weights_sha256": None,
+        "description": summary["extractor"]["description"],
+        "comparable_with_literature": False,
+    }
     assert summary["n"] == 6 and summary["split"] == "val" and summary["feature_space"]["dim"] == 128
     assert all(r["fd"] > 0 and r["ms_ssim"] is None for r in summary["results"])  # no MS-SSIM of latents
     assert "not comparable with published FIDs" in out
 
 
 @pytest.mark.parametrize("kind", ["medicalnet3d", "radimagenet2p5d"])
-def test_extractor_fid_on_the_demo_images(kind: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_extractor_fid_on_the_demo_images(
+    kind: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     weights = tmp_path / ("resnet_50_23dataset.pth" if kind == "medicalnet3d" else "RadImageNet-ResNet50.pt")
     (save_medicalnet if kind == "medicalnet3d" else save_radimagenet)(weights)
     summary, out = _evaluate([str(tiny_run), "--features", kind, "--weights", str(weights)], tmp_path / kind, capsys)
     ex = summary["extractor"]
     assert ex["features"] == kind and ex["space"] == "image" and ex["comparable_with_literature"]
-    assert ex["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest() and ex["weights"] == str(weights.resolve())
+    assert ex["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest() and ex["weights"] == str(
+        weights.resolve()
+    )
     assert summary["n"] == 6 and summary["split"] == "val"
     assert {(r["weights"], r["nfe"]) for r in summary["results"]} == {("ema", 1), ("online", 1)}
     for r in summary["results"] + [summary["reference_floor"]]:
@@ -69,11 +81,26 @@ def test_extractor_fid_on_the_demo_images(kind: str, tiny_run: Path, tmp_path: P
     assert f"FID ({kind}, image space)" in out
 
 
-def test_a_wrong_weights_file_is_one_line_and_writes_nothing(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_wrong_weights_file_is_one_line_and_writes_nothing(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     save_radimagenet(tmp_path / "radimagenet.pt")
     out = tmp_path / "ev"
-    rc = main(["evaluate", str(tiny_run), "--features", "medicalnet3d", "--weights", str(tmp_path / "radimagenet.pt"),
-               "--out", str(out), "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "evaluate",
+            str(tiny_run),
+            "--features",
+            "medicalnet3d",
+            "--weights",
+            str(tmp_path / "radimagenet.pt"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     (line,) = err.strip().splitlines()
@@ -97,22 +124,34 @@ def _with_evaluation_section(run: Path, dest: Path, section: dict, **more: dict)
     return dest
 
 
-def test_image_space_decodes_through_the_vae_loaded_once(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_image_space_decodes_through_the_vae_loaded_once(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     from neuromf.model.vae import build_vae
     from neuromf.spec.schema import VAESpec
 
-    vae_raw = {"decoder": "maisi", "num_channels": [8, 16], "num_res_blocks": [1, 1], "latent_channels": 4,
-               "norm_num_groups": 4, "scale_factor": 0.5}
+    vae_raw = {
+        "decoder": "maisi",
+        "num_channels": [8, 16],
+        "num_res_blocks": [1, 1],
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "scale_factor": 0.5,
+    }
     torch.manual_seed(0)
     vae = tmp_path / "vae.pt"
     torch.save({"unet_state_dict": build_vae(VAESpec(**vae_raw)).state_dict()}, vae)
     weights = tmp_path / "resnet_10.pth"
     save_medicalnet(weights)
-    run = _with_evaluation_section(tiny_run, tmp_path / "run", {"features": "medicalnet3d", "weights": str(weights)},
-                                   vae=vae_raw, paths={"vae_weights": str(vae)})
+    run = _with_evaluation_section(
+        tiny_run,
+        tmp_path / "run",
+        {"features": "medicalnet3d", "weights": str(weights)},
+        vae=vae_raw,
+        paths={"vae_weights": str(vae)},
+    )
     with caplog.at_level(logging.INFO, logger="neuromf.model.vae"):
         summary, out = _evaluate([str(run), "--n", "4"], tmp_path / "ev", capsys)
     assert sum("loaded the VAE" in r.getMessage() for r in caplog.records) == 1  # once for all sets
@@ -125,7 +164,9 @@ def test_image_space_decodes_through_the_vae_loaded_once(tiny_run: Path, tmp_pat
 def test_verify_says_which_fid_it_used(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     weights = tmp_path / "resnet_10.pth"
     save_medicalnet(weights)
-    run = _with_evaluation_section(tiny_run, tmp_path / "run", {"features": "medicalnet3d", "weights": str(weights), "n": 4})
+    run = _with_evaluation_section(
+        tiny_run, tmp_path / "run", {"features": "medicalnet3d", "weights": str(weights), "n": 4}
+    )
     main(["verify", str(run), "--device", "cpu", "--no-progress"])
     out = capsys.readouterr().out
     assert "P4-T6 used FID (medicalnet3d, image space)" in out

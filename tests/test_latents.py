@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _latent_data import SHAPE, make_latent, numpy_stats, write_latents, write_stats_json
+
 from neuromf.data.latents import (
     ChannelStats,
     LatentFileError,

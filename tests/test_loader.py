@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-
 from _latent_data import SHAPE, make_latent, write_latents, write_stats_json
+
+from neuromf.data.meta import LatentMeta
 from neuromf.data.prepare import LatentData, TrainBatches, available_host_memory, choose_residency, prepare_data
 from neuromf.data.shard import read_shard_info
-from neuromf.data.meta import LatentMeta
 from neuromf.data.split import split_subjects
 from neuromf.errors import UserError
 from neuromf.spec import runspec_from_dict
@@ -39,12 +39,18 @@ def latents(tmp_path: Path) -> dict[str, torch.Tensor]:
 def _identify(x: torch.Tensor, data: LatentData, raw: dict[str, torch.Tensor]) -> str:
     """The name of the raw latent that normalised sample x came from (flipped or not)."""
     back = data.stats.denormalise(x)
-    return min(raw, key=lambda n: min(float((back - raw[n]).abs().max()),
-                                      float((back.flip(1 + data.flip_axis) - raw[n]).abs().max())))
+    return min(
+        raw,
+        key=lambda n: min(
+            float((back - raw[n]).abs().max()), float((back.flip(1 + data.flip_axis) - raw[n]).abs().max())
+        ),
+    )
 
 
 @pytest.mark.parametrize("residency", ["host", "stream"])
-def test_batches_shape_split_and_normalisation(tmp_path: Path, latents: dict[str, torch.Tensor], residency: str) -> None:
+def test_batches_shape_split_and_normalisation(
+    tmp_path: Path, latents: dict[str, torch.Tensor], residency: str
+) -> None:
     data = prepare_data(make_spec(tmp_path, residency=residency), CPU, progress=False)
     assert data.residency == residency and data.shape == SHAPE
     split = split_subjects([LatentMeta(n) for n in sorted(latents)], 0.10, 0.05, 42)
@@ -69,8 +75,12 @@ def test_batches_shape_split_and_normalisation(tmp_path: Path, latents: dict[str
 
 def test_residencies_and_folder_source_give_identical_batches(tmp_path: Path, latents: dict[str, torch.Tensor]) -> None:
     runs = []
-    for extra in ({"residency": "host"}, {"residency": "stream"}, {"source": "folder", "residency": "host"},
-                  {"source": "folder", "residency": "stream"}):
+    for extra in (
+        {"residency": "host"},
+        {"residency": "stream"},
+        {"source": "folder", "residency": "host"},
+        {"source": "folder", "residency": "stream"},
+    ):
         data = prepare_data(make_spec(tmp_path, flip_lr=True, **extra), CPU, progress=False)
         batches = data.train_batches(3)
         runs.append([batches.next_batch() for _ in range(14)])  # crosses two epoch boundaries
@@ -156,7 +166,9 @@ def test_val_batches_fixed_order_no_drop(tmp_path: Path, latents: dict[str, torc
     assert torch.equal(halves[0], stacked[0::2]) and torch.equal(halves[1], stacked[1::2])
 
 
-def test_stale_shard_is_repacked(tmp_path: Path, latents: dict[str, torch.Tensor], capsys: pytest.CaptureFixture[str]) -> None:
+def test_stale_shard_is_repacked(
+    tmp_path: Path, latents: dict[str, torch.Tensor], capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = make_spec(tmp_path)
     prepare_data(spec, CPU, progress=False).close()
     assert "it does not exist yet" in capsys.readouterr().err
@@ -210,8 +222,11 @@ def test_residency_choice(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_demo_source_builds_packs_and_loads(tmp_path: Path) -> None:
-    raw = {"model": {"spatial_size": [16, 16, 16]}, "data": {"source": "demo", "demo": {"n_volumes": 6, "size": 16}},
-           "paths": {"run_dir": "run"}}
+    raw = {
+        "model": {"spatial_size": [16, 16, 16]},
+        "data": {"source": "demo", "demo": {"n_volumes": 6, "size": 16}},
+        "paths": {"run_dir": "run"},
+    }
     data = prepare_data(runspec_from_dict(raw, tmp_path), CPU, progress=False)
     assert len(data.train_names) + len(data.val_names) == 6 and data.shard == tmp_path / "run/data/latents.h5"
     assert data.train_batches(2).next_batch().shape == (2, 4, 16, 16, 16)

@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
+from imf_tiny import tiny_net
 from torch import nn
 
-from imf_tiny import tiny_net
-from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.bench.reference import naive_imf_loss  # noqa: F401  (the memory child imports it from here)
+from neuromf.meanflow.loss import MeanFlowLoss
 from neuromf.meanflow.time_sampler import num_flow_matching
 from neuromf.spec.schema import MeanFlowSpec, TimeSamplingSpec
 from neuromf.train.compile import FoldZeroTangentProducts
@@ -136,7 +136,9 @@ def _peak_mib() -> dict[str, float]:
     """
     here = str(Path(__file__).parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, here], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, here], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -171,7 +173,7 @@ def test_r_equals_t_rows_skip_the_jvp_and_mf_equals_fm() -> None:
     spy = _SpyLoss(MeanFlowSpec(), TimeSamplingSpec(data_proportion=0.25))
     z0_, e, t, r = batch_and_draw(spy, 6, shape=SMALL)
     spy.compute(net, z0_, e, t, r)
-    (z, tj, hj), = spy.jvp_inputs
+    ((z, tj, hj),) = spy.jvp_inputs
     assert z.shape[0] == 5 and torch.equal(tj, t[1:]) and bool((hj > 0).all())
     z_t = (1 - t.view(-1, 1, 1, 1, 1)) * z0_ + t.view(-1, 1, 1, 1, 1) * e
     assert torch.equal(z, z_t[1:])
@@ -271,7 +273,7 @@ def test_torch_compile_of_the_loss_step_matches_eager(tmp_path: Path) -> None:
     # a cached graph would skip the pass.
     fold = FoldZeroTangentProducts()
     compiled = torch.compile(step, options={"post_grad_custom_pre_pass": fold})
-    out: Optional[dict[str, torch.Tensor]] = None
+    out: dict[str, torch.Tensor] | None = None
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         for _ in range(2):  # a second call must reuse the compiled graph
             net.zero_grad(set_to_none=True)

@@ -13,14 +13,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from _latent_data import SHAPE, make_latent, numpy_stats, write_latents, write_stats_json
+from test_latents import _bad_files
+
 from neuromf.cli import main
 from neuromf.data.pack import pack_latents
 from neuromf.data.shard import content_checksum, read_shard, read_shard_info, shard_freshness
 from neuromf.errors import UserError
 from neuromf.spec.schema import MAISI_SCALE_FACTOR
-from test_latents import _bad_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,9 @@ def test_packing_twice_gives_the_same_content_checksum(tmp_path: Path) -> None:
     assert c.content_sha256 != a.content_sha256 and c.source_sha256 != a.source_sha256
 
 
-@pytest.mark.parametrize("dtype, torch_dtype, max_rel", [("float16", torch.float16, 2**-11), ("bfloat16", torch.bfloat16, 2**-8)])
+@pytest.mark.parametrize(
+    "dtype, torch_dtype, max_rel", [("float16", torch.float16, 2**-11), ("bfloat16", torch.bfloat16, 2**-8)]
+)
 def test_half_precision_packs(tmp_path: Path, dtype: str, torch_dtype: torch.dtype, max_rel: float) -> None:
     src = tmp_path / "latents"
     tensors = write_latents(src, 4)
@@ -148,14 +150,21 @@ def test_bad_input_exits_2_in_a_real_process(tmp_path: Path) -> None:
     src = tmp_path / "latents"
     write_latents(src, 2)
     torch.save(make_latent(0).to(torch.int32), src / "ints.pt")
-    proc = subprocess.run([sys.executable, "-m", "neuromf", "pack", str(src), str(tmp_path / "o.h5")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuromf", "pack", str(src), str(tmp_path / "o.h5")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert f"{src / 'ints.pt'}: dtype int32 is not floating point" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o.h5").exists()
 
 
-def test_skip_bad_packs_the_good_and_reports_exactly_the_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_skip_bad_packs_the_good_and_reports_exactly_the_bad(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "latents"
     src.mkdir()
     expected = _bad_files(src)
@@ -243,8 +252,9 @@ def test_killed_pack_leaves_no_valid_looking_shard(tmp_path: Path) -> None:
     src = tmp_path / "latents"
     write_latents(src, 40)
     out = tmp_path / "out" / "latents.h5"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PACK, str(src), str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PACK, str(src), str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not any(out.parent.glob(".latents.h5.*.tmp")):

@@ -17,18 +17,32 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _wandb_offline import wait_for_exit_record, wandb_history, wandb_run_ids
-from production_path import (MAX_STEPS, PRODUCTION_SPEC, production_env, production_overrides, set_args,
-                             write_production_inputs)
+from production_path import (
+    MAX_STEPS,
+    PRODUCTION_SPEC,
+    production_env,
+    production_overrides,
+    set_args,
+    write_production_inputs,
+)
 
 REQUEUE_EXIT_CODE = 75
 
 
 def _train(root: Path, home: Path, *extra: str) -> list[str]:
     compile_step = os.environ.get("NEUROMF_PRODUCTION_COMPILE") == "1"  # set by the image test
-    return [sys.executable, "-m", "neuromf", "train", str(PRODUCTION_SPEC),
-            *set_args(production_overrides(root, compile_step)), "--resume", "auto", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "neuromf",
+        "train",
+        str(PRODUCTION_SPEC),
+        *set_args(production_overrides(root, compile_step)),
+        "--resume",
+        "auto",
+        *extra,
+    ]
 
 
 def _logged_steps(log: Path) -> list[int]:
@@ -96,14 +110,18 @@ def test_production_spec_trains_stops_resumes_and_logs_to_wandb(tmp_path: Path) 
     rows = [row for f in files for row in wandb_history(f)]
     train_rows = {row["_step"]: row for row in rows if "train/loss_total" in row}
     assert set(train_rows) == set(range(1, MAX_STEPS + 1)), sorted(train_rows)
-    jsonl = {r["step"]: r for r in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines())
-             if "train/loss_total" in r}
+    jsonl = {
+        r["step"]: r
+        for r in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines())
+        if "train/loss_total" in r
+    }
     assert all(train_rows[s]["train/loss_total"] == pytest.approx(jsonl[s]["train/loss_total"]) for s in jsonl)
     assert any(any(k.startswith("val/") for k in row) for row in rows), "no validation scalars reached wandb"
     assert list(home.iterdir()) == [], f"the run wrote into $HOME: {list(home.rglob('*'))}"
 
-    events = [r["event"] for r in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines())
-              if "event" in r]
+    events = [
+        r["event"] for r in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines()) if "event" in r
+    ]
     assert not [e for e in events if "torch.compile failed" in e], events
     if os.environ.get("NEUROMF_PRODUCTION_COMPILE") == "1":
         # The spec's paths.cache_dir (in the bound results folder) won over the image's read-only /cache.

@@ -16,14 +16,15 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 import yaml
-
 from _tiny_run import tiny_run_raw
+
 from neuromf.cli import main
 from neuromf.data.demo import build_demo_dataset
 from neuromf.errors import UserError
@@ -69,8 +70,11 @@ def write_spec(latent_dir: Path, run_dir: Path, max_steps: int, **changes: dict[
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` (but the lock, rewritten by every start) -> sha256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[str]]:
@@ -153,7 +157,9 @@ def test_resume_auto_over_a_zero_byte_latest_continues_from_the_previous(
     (run_dir / "checkpoints" / "latest.pt").write_bytes(b"")
     code, err = run_cli(capsys, "train", spec, "--resume", "auto")
     assert code == 0
-    assert [line for line in err if line.startswith("skipping")] == ["skipping damaged checkpoint latest.pt: ValueError: latest.pt is empty (0 bytes)"]
+    assert [line for line in err if line.startswith("skipping")] == [
+        "skipping damaged checkpoint latest.pt: ValueError: latest.pt is empty (0 bytes)"
+    ]
     assert any("resumed from" in line and "latest.prev.pt at step 6" in line for line in err)
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["global_step"] == 8
 
@@ -208,8 +214,10 @@ def lock_holder(tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen] = []
 
     def start(run_dir: Path, job: str = "") -> subprocess.Popen:
-        code = ("import sys, time; from pathlib import Path; from neuromf.train.lock import RunLock; "
-                "RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
+        code = (
+            "import sys, time; from pathlib import Path; from neuromf.train.lock import RunLock; "
+            "RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"
+        )
         env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
         if job:
             env["SLURM_JOB_ID"] = job
@@ -269,7 +277,9 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Any]:
     def mount(size: int) -> Path:
         mnt = tmp_path / f"full{len(mounted)}"
         mnt.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'})")
         mounted.append(mnt)
@@ -349,8 +359,11 @@ def read_only_run(trained: dict[str, Path]) -> Iterator[tuple[Path, Path, Path]]
 def test_a_read_only_run_folder_is_refused_before_any_work(read_only_run: tuple[Path, Path, Path], verb: str) -> None:
     run_dir, spec, home = read_only_run
     before = snapshot(run_dir)
-    argv = {"train": ["train", str(spec), "--resume", "auto"], "evaluate": ["evaluate", str(run_dir), "--n", "2"],
-            "verify": ["verify", str(run_dir), "--n", "2"]}[verb]
+    argv = {
+        "train": ["train", str(spec), "--resume", "auto"],
+        "evaluate": ["evaluate", str(run_dir), "--n", "2"],
+        "verify": ["verify", str(run_dir), "--n", "2"],
+    }[verb]
     done = as_other_user(argv, home)
     assert done.returncode == 2, done.stderr
     err = [line for line in done.stderr.splitlines() if line.strip()]
@@ -363,34 +376,49 @@ def test_a_read_only_run_folder_is_refused_before_any_work(read_only_run: tuple[
 # ---------------------------------------------------------------- 8, 9: run-spec values and YAML
 
 
-@pytest.mark.parametrize("override, field", [
-    ("model.num_head_channels=[0,0,0,0]", "model.num_head_channels: "),
-    ("training.lr=.inf", "training.lr: "),
-    ("time_sampling.mu=.nan", "time_sampling.mu: "),
-    ("time_sampling.sigma=.inf", "time_sampling.sigma: "),
-    ("sampling.n_samples=1000000000000", "sampling.n_samples: "),
-    ("training.seed=100000000000000000000000", "training.seed: "),
-    ("sampling.seed=-1", "sampling.seed: "),
-    ("hardware.num_threads=100000000000000000000", "hardware.num_threads: "),
-    ("training.max_steps=true", "training.max_steps: expected a number, got a boolean"),
-    ("training.compile=1", "training.compile: expected true or false"),
-])
-def test_validate_rejects_values_that_would_crash_later(override: str, field: str, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.num_head_channels=[0,0,0,0]", "model.num_head_channels: "),
+        ("training.lr=.inf", "training.lr: "),
+        ("time_sampling.mu=.nan", "time_sampling.mu: "),
+        ("time_sampling.sigma=.inf", "time_sampling.sigma: "),
+        ("sampling.n_samples=1000000000000", "sampling.n_samples: "),
+        ("training.seed=100000000000000000000000", "training.seed: "),
+        ("sampling.seed=-1", "sampling.seed: "),
+        ("hardware.num_threads=100000000000000000000", "hardware.num_threads: "),
+        ("training.max_steps=true", "training.max_steps: expected a number, got a boolean"),
+        ("training.compile=1", "training.compile: expected true or false"),
+    ],
+)
+def test_validate_rejects_values_that_would_crash_later(
+    override: str, field: str, capsys: pytest.CaptureFixture
+) -> None:
     code, err = run_cli(capsys, "validate", RUNSPEC, "--set", override)
     assert code == 2 and len(err) == 1 and err[0].startswith(field), err
 
 
-BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
-               for p, c in zip(["", "a", "b", "c", "d", "e", "f", "g"], "abcdefgh"))
+BOMB = "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
+    for p, c in zip(["", "a", "b", "c", "d", "e", "f", "g"], "abcdefgh")
+)
 
 
-@pytest.mark.parametrize("text, message", [
-    (BOMB, "once aliases are expanded"),
-    ("training:\n  lr: 1.0e-3\n  lr: 7.0\n", "YAML error at line 3, column 3: duplicate key 'lr' (first on line 2)"),
-    ("training: " + "[" * 200 + "]" * 200 + "\n", "line 1: nesting deeper than 32 levels"),
-    ("x: [" + ",".join(["1"] * 600_000) + "]\n", "bytes; a run-spec is at most"),
-])
-def test_hostile_yaml_is_one_line_quickly(tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (BOMB, "once aliases are expanded"),
+        (
+            "training:\n  lr: 1.0e-3\n  lr: 7.0\n",
+            "YAML error at line 3, column 3: duplicate key 'lr' (first on line 2)",
+        ),
+        ("training: " + "[" * 200 + "]" * 200 + "\n", "line 1: nesting deeper than 32 levels"),
+        ("x: [" + ",".join(["1"] * 600_000) + "]\n", "bytes; a run-spec is at most"),
+    ],
+)
+def test_hostile_yaml_is_one_line_quickly(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
     path = tmp_path / "spec.yaml"
     path.write_text(text)
     code, err = run_cli(capsys, "validate", path)
@@ -414,8 +442,11 @@ def test_temporaries_of_dead_writers_are_removed_at_the_next_start(
     dead.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stale = [run_dir / "checkpoints" / f".latest.staged.pt.tmp-{dead.pid}",
-                 run_dir / "samples" / "epoch_1" / f".ema_nfe1_grid.png.tmp-{dead.pid}", run_dir / f".training_log.json.tmp-{dead.pid}"]
+        stale = [
+            run_dir / "checkpoints" / f".latest.staged.pt.tmp-{dead.pid}",
+            run_dir / "samples" / "epoch_1" / f".ema_nfe1_grid.png.tmp-{dead.pid}",
+            run_dir / f".training_log.json.tmp-{dead.pid}",
+        ]
         live = run_dir / "checkpoints" / f".epoch_0003.pt.tmp-{alive.pid}"
         other = run_dir / "checkpoints" / "notes.tmp-1"  # not one of ours
         for path in [*stale, live, other]:
@@ -501,7 +532,9 @@ def test_a_stop_signal_interrupts_the_epoch_end_which_the_resume_redoes(
     assert [r["epoch"] for r in log if "val/mse_total" in r] == [1, 2]
     for epoch in (1, 2):
         folder = run_dir / "samples" / f"epoch_{epoch}"
-        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (trained["run"] / "samples" / f"epoch_{epoch}").iterdir())
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            p.name for p in (trained["run"] / "samples" / f"epoch_{epoch}").iterdir()
+        )
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["global_step"] == 8
 
 
@@ -510,8 +543,12 @@ def test_a_sigkill_during_sample_writing_resumes_to_complete_samples(trained: di
     run_dir = tmp_path / "run"
     spec = write_spec(trained["latents"], run_dir, 8, sampling={"n_samples": 48})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "neuromf", "train", str(spec)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neuromf", "train", str(spec)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     folder = run_dir / "samples" / "epoch_1"
     deadline = time.time() + 300
     while not folder.exists():
@@ -520,8 +557,12 @@ def test_a_sigkill_during_sample_writing_resumes_to_complete_samples(trained: di
     time.sleep(0.05)  # well inside the 4 sets x 48 volumes
     proc.kill()
     proc.wait()
-    resumed = subprocess.run([sys.executable, "-m", "neuromf", "train", str(spec), "--resume", "auto"], env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "neuromf", "train", str(spec), "--resume", "auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
     from neuromf.train.sample_files import sample_paths

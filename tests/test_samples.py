@@ -8,11 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from neuromf import atomic
 import torch
 from PIL import Image
 
+from neuromf import atomic
 from neuromf.train import sample_files as samples
 from neuromf.train.sample_files import epoch_sample_dir, mid_slices, sample_paths, volume_grid, write_sample_set
 
@@ -33,7 +32,12 @@ def test_files_and_contents(tmp_path: Path) -> None:
     paths = write_sample_set(out, latents, volumes, label="ema_nfe1", affine=affine)
 
     names = {p.name for p in paths.values()}
-    assert names == {"ema_nfe1_latents.pt", "ema_nfe1_grid.png", "ema_nfe1_sample_00.nii.gz", "ema_nfe1_sample_01.nii.gz"}
+    assert names == {
+        "ema_nfe1_latents.pt",
+        "ema_nfe1_grid.png",
+        "ema_nfe1_sample_00.nii.gz",
+        "ema_nfe1_sample_01.nii.gz",
+    }
     assert set(os.listdir(out)) == names  # and nothing else: no temporary files left
     assert paths == sample_paths(out, "ema_nfe1", 2)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from slurm_fixture import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture is used by name)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -71,17 +70,31 @@ def job_env(cluster: SlurmCluster, tmp_path: Path, **extra: str) -> dict[str, st
 
 
 def launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(REPO / "container" / "train.sh"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env=env)
+    return subprocess.run(
+        [str(REPO / "container" / "train.sh"), *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
+    )
 
 
 def seconds_per_step(run_dir: Path) -> float:
     """Time a few steps of the short run on this machine now (the 2 cores are shared, so speed varies ~3x)."""
-    cmd = [str(VENV_BIN / "neuromf"), "train", str(DEMO), *sets(*SHORT_RUN, "training.max_steps=9",
-           "training.warmup_steps=1", "logging.log_every_n_steps=8", f"paths.run_dir={run_dir}")]
+    cmd = [
+        str(VENV_BIN / "neuromf"),
+        "train",
+        str(DEMO),
+        *sets(
+            *SHORT_RUN,
+            "training.max_steps=9",
+            "training.warmup_steps=1",
+            "logging.log_every_n_steps=8",
+            f"paths.run_dir={run_dir}",
+        ),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=180, cwd=REPO)
-    rates = [rec["train/latents_per_s"] for rec in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines())
-             if rec.get("step") == 8 and "train/latents_per_s" in rec]
+    rates = [
+        rec["train/latents_per_s"]
+        for rec in map(json.loads, (run_dir / "training_log.jsonl").read_text().splitlines())
+        if rec.get("step") == 8 and "train/latents_per_s" in rec
+    ]
     assert rates, f"the calibration run logged no speed at step 8 in {run_dir}"
     return BATCH / rates[0]
 
@@ -131,8 +144,11 @@ def test_launcher_refuses_an_invalid_runspec_before_submitting(slurm_cluster: Sl
     schema = launch(env, str(DEMO), *sets(f"paths.run_dir={tmp_path / 'a'}", "training.batch_size=0"))
     assert schema.returncode == 2, schema
     assert "nothing submitted" in schema.stderr and "training.batch_size" in schema.stderr
-    paths = launch(env, str(DEMO), *sets(f"paths.run_dir={tmp_path / 'b'}", "data.source=folder",
-                                         f"data.latent_dir={tmp_path / 'missing'}"))
+    paths = launch(
+        env,
+        str(DEMO),
+        *sets(f"paths.run_dir={tmp_path / 'b'}", "data.source=folder", f"data.latent_dir={tmp_path / 'missing'}"),
+    )
     assert paths.returncode == 2, paths
     assert re.search(r"data.latent_dir: \S+missing is not a folder", paths.stderr), paths.stderr
     assert "submitted job" not in schema.stdout + paths.stdout
@@ -153,7 +169,9 @@ def test_wall_time_signal_requeues_and_resumes_exactly(slurm_cluster: SlurmClust
     with open(ref_log, "w") as ref_out:
         reference = subprocess.Popen(
             [str(VENV_BIN / "neuromf"), "train", str(DEMO), *sets(*short_run, f"paths.run_dir={reference_dir}")],
-            stdout=ref_out, stderr=subprocess.STDOUT, cwd=REPO,
+            stdout=ref_out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
     try:
         env = job_env(slurm_cluster, tmp_path)
@@ -196,5 +214,7 @@ def test_wall_time_signal_requeues_and_resumes_exactly(slurm_cluster: SlurmClust
         assert got[key].keys() == want[key].keys()
         differ = [name for name in want[key] if not got[key][name].equal(want[key][name])]
         assert not differ, f"{key}: {len(differ)} tensors differ after resume, e.g. {differ[:3]}"
-    print(f"job {job_id}: {max_steps} steps at {step_s:.2f} s/step, {info['Restarts']} restart(s), stops at {saved}, "
-          f"{elapsed:.0f} s in SLURM")
+    print(
+        f"job {job_id}: {max_steps} steps at {step_s:.2f} s/step, {info['Restarts']} restart(s), stops at {saved}, "
+        f"{elapsed:.0f} s in SLURM"
+    )

@@ -92,8 +92,10 @@ BAD_INPUTS = {
         "model.attention_levels: has 2 entries but channels has 4",
     ),
     "norm groups": ("model:\n  channels: [12, 16, 32, 64]\n  norm_num_groups: 8\n", "model.channels: 12 (level 0)"),
-    "one channel per group": ("model:\n  channels: [8, 16, 32, 64]\n  norm_num_groups: 8\n",
-                              "model.norm_num_groups: 8 groups for the 8 channels of level 0 is one channel per group"),
+    "one channel per group": (
+        "model:\n  channels: [8, 16, 32, 64]\n  norm_num_groups: 8\n",
+        "model.norm_num_groups: 8 groups for the 8 channels of level 0 is one channel per group",
+    ),
     "spatial size": (
         "model:\n  spatial_size: [20, 24, 24]\n  channels: [8, 16, 32, 64]\n  norm_num_groups: 4\n"
         "  num_head_channels: [0, 0, 8, 8]\ndata:\n  source: folder\n  latent_dir: x\n",
@@ -107,9 +109,13 @@ BAD_INPUTS = {
     "empty file": ("", "the file is empty"),
     "top-level list": ("- a\n- b\n", "expected a mapping of sections"),
     "demo size mismatch": (
-        "model:\n  spatial_size: [16, 16, 16]\ndata:\n  source: demo\n  demo:\n    size: 32\n", "model.spatial_size: [16, 16, 16] differs"
+        "model:\n  spatial_size: [16, 16, 16]\ndata:\n  source: demo\n  demo:\n    size: 32\n",
+        "model.spatial_size: [16, 16, 16] differs",
     ),
-    "bf16 on cpu": ("training:\n  precision: bf16\nhardware:\n  device: cpu\n", "training.precision: bf16 on hardware.device cpu"),
+    "bf16 on cpu": (
+        "training:\n  precision: bf16\nhardware:\n  device: cpu\n",
+        "training.precision: bf16 on hardware.device cpu",
+    ),
     "unknown reference": ("paths:\n  run_dir: ${paths.nowhere}/x\n", "paths.run_dir: ${paths.nowhere} refers to"),
 }
 
@@ -208,7 +214,14 @@ def test_validate_summary_counts_steps_when_data_is_known(capsys: pytest.Capture
 
 
 def test_validate_summary_splits_the_global_batch_over_gpus_and_accumulation(capsys: pytest.CaptureFixture) -> None:
-    args = ["--set", "training.batch_size=24", "--set", "training.accumulate_grad_batches=3", "--set", "hardware.gpus_per_node=2"]
+    args = [
+        "--set",
+        "training.batch_size=24",
+        "--set",
+        "training.accumulate_grad_batches=3",
+        "--set",
+        "hardware.gpus_per_node=2",
+    ]
     assert main(["validate", str(SHIPPED[0]), *args]) == 0
     assert "24 latents per optimizer step = 2 GPUs x 3 accumulated x micro-batch 4" in capsys.readouterr().out
 
@@ -232,8 +245,17 @@ def test_launch_info_prints_what_the_slurm_scripts_read(tmp_path: Path, capsys: 
 
     latents = tmp_path / "latents"
     latents.mkdir()
-    args = [str(SHIPPED[0]), "--set", f"paths.run_dir={tmp_path / 'run'}", "--set", "data.source=shard",
-            "--set", f"data.latent_dir={latents}", "--set", "hardware.gpus_per_node=2"]
+    args = [
+        str(SHIPPED[0]),
+        "--set",
+        f"paths.run_dir={tmp_path / 'run'}",
+        "--set",
+        "data.source=shard",
+        "--set",
+        f"data.latent_dir={latents}",
+        "--set",
+        "hardware.gpus_per_node=2",
+    ]
     assert launch_info(args) == 0
     lines = capsys.readouterr().out.splitlines()
     info = dict(line.split(": ", 1) for line in lines if not line.startswith("neuromf-bind:"))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _latent_data import longitudinal_metas, write_longitudinal
+
 from neuromf.data.meta import LatentMeta, subject_keys
 from neuromf.data.scan import scan_latents
 from neuromf.data.split import MIN_STRATIFIED, SPLITS, split_subjects
@@ -88,7 +88,9 @@ def test_promotion_guarantees_small_datasets_and_is_the_only_thing_that_can_move
         base = split_subjects(base_metas, 0.10, 0.05, seed)
         assert base.subjects("val") and base.subjects("test")
         promoted_any |= bool(base.promoted)
-        grown = split_subjects(base_metas + longitudinal_metas({"DS_A": 30}, seed=seed, first_subject=100), 0.10, 0.05, seed)
+        grown = split_subjects(
+            base_metas + longitudinal_metas({"DS_A": 30}, seed=seed, first_subject=100), 0.10, 0.05, seed
+        )
         promoted_keys = {p.split(" -> ")[0] for p in base.promoted}
         for w in SPLITS:
             for n in base.names(w):
@@ -98,15 +100,18 @@ def test_promotion_guarantees_small_datasets_and_is_the_only_thing_that_can_move
 
 
 def test_same_split_in_other_processes_and_hash_seeds() -> None:
-    code = ("import json, sys; from neuromf.data.meta import LatentMeta; from neuromf.data.split import split_subjects; "
-            "s = split_subjects([LatentMeta(*m) for m in json.load(sys.stdin)], 0.1, 0.05, 42); "
-            "print(json.dumps([s.train, s.val, s.test]))")
+    code = (
+        "import json, sys; from neuromf.data.meta import LatentMeta; from neuromf.data.split import split_subjects; "
+        "s = split_subjects([LatentMeta(*m) for m in json.load(sys.stdin)], 0.1, 0.05, 42); "
+        "print(json.dumps([s.train, s.val, s.test]))"
+    )
     payload = json.dumps([[m.name, m.subject, m.session, m.dataset] for m in reversed(METAS)])
     results = []
     for hash_seed in ("0", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env,
-                              timeout=60, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env, timeout=60, check=True
+        )
         results.append(json.loads(proc.stdout))
     split = split_subjects(METAS, 0.10, 0.05, 42)
     assert results[0] == results[1] == [split.train, split.val, split.test]
@@ -156,8 +161,18 @@ def test_metadata_of_real_pt_files_drives_the_split(tmp_path: Path) -> None:
     write_longitudinal(tmp_path / "lat", metas)
     # one more session of PT001_OASIS1 sub_000 under an unhelpful file name
     first = metas[0]
-    torch.save({"z": torch.randn(4, 8, 8, 8), "metadata": {"subject_id": first.subject, "session_id": "ses_7",
-                "dataset": first.dataset, "source_path": "/raw/x.nii.gz"}}, tmp_path / "lat" / "renamed_volume.pt")
+    torch.save(
+        {
+            "z": torch.randn(4, 8, 8, 8),
+            "metadata": {
+                "subject_id": first.subject,
+                "session_id": "ses_7",
+                "dataset": first.dataset,
+                "source_path": "/raw/x.nii.gz",
+            },
+        },
+        tmp_path / "lat" / "renamed_volume.pt",
+    )
     scan = scan_latents(tmp_path / "lat", progress=False)
     by_name = {m.name: m for m in scan.metas}
     assert by_name["renamed_volume"].subject == first.subject and by_name[first.name].source_path == first.source_path

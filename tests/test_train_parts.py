@@ -15,7 +15,13 @@ import torch
 from neuromf.spec import RunSpec
 from neuromf.spec.schema import TrainingSpec
 from neuromf.train.checkpoint import (
-    FORMAT, RESUME_KEYS, CheckpointDir, assert_finite, capture_rng_states, load_checkpoint, restore_rng_states,
+    FORMAT,
+    RESUME_KEYS,
+    CheckpointDir,
+    assert_finite,
+    capture_rng_states,
+    load_checkpoint,
+    restore_rng_states,
 )
 from neuromf.train.ema import EMA, decay_for_half_life
 from neuromf.train.run_log import RunLog

@@ -37,15 +37,29 @@ def tiny_raw(latent_dir: Path, run_dir: Path, **sections: dict[str, Any]) -> dic
     raw: dict[str, Any] = {
         "name": "tiny",
         "model": {
-            "spatial_size": [16, 16, 16], "channels": [8, 16, 32, 64], "attention_levels": [False, False, True, True],
-            "num_head_channels": [0, 0, 8, 8], "num_res_blocks": 1, "norm_num_groups": 4,
+            "spatial_size": [16, 16, 16],
+            "channels": [8, 16, 32, 64],
+            "attention_levels": [False, False, True, True],
+            "num_head_channels": [0, 0, 8, 8],
+            "num_res_blocks": 1,
+            "norm_num_groups": 4,
         },
         "training": {
-            "lr": 1e-3, "warmup_steps": 2, "max_steps": 12, "batch_size": 4, "precision": "fp32", "compile": False,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "max_steps": 12,
+            "batch_size": 4,
+            "precision": "fp32",
+            "compile": False,
             "deterministic": True,
         },
         "ema": {"decay": 0.9},
-        "data": {"source": "shard", "latent_dir": str(latent_dir), "shard": str(run_dir / "latents.h5"), "test_fraction": 0.0},
+        "data": {
+            "source": "shard",
+            "latent_dir": str(latent_dir),
+            "shard": str(run_dir / "latents.h5"),
+            "test_fraction": 0.0,
+        },
         "hardware": {"device": "cpu", "num_threads": 1},
         "paths": {"run_dir": str(run_dir)},
         "checkpoint": {"save_every_n_epochs": 1, "latest_every_n_steps": 2, "keep_last": 2},
@@ -104,7 +118,11 @@ def test_training_step_gradients_flow(latent_dir: Path, tmp_path: Path) -> None:
     trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run"))
     perturb_zero_init(trainer.net, generator=torch.Generator().manual_seed(0))  # MONAI zero-inits output convs
     trainer.train_step(trainer.batches.next_batch())  # the gradients stay until the next step zeroes them
-    missing = [n for n, p in trainer.net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n
+        for n, p in trainer.net.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert missing == []
 
 
@@ -132,8 +150,18 @@ def test_checkpoint_save_load(latent_dir: Path, tmp_path: Path) -> None:
     assert_states_equal(trainer.ema.state_dict(), restored.ema.state_dict())
     assert trainer.batches.state_dict() == restored.batches.state_dict()
     state = load_checkpoint(path)
-    for key in ("epoch", "global_step", "model_state_dict", "ema_state_dict", "optimizer_state_dict",
-                "scheduler_state_dict", "config", "loss_history", "rng", "data_state"):
+    for key in (
+        "epoch",
+        "global_step",
+        "model_state_dict",
+        "ema_state_dict",
+        "optimizer_state_dict",
+        "scheduler_state_dict",
+        "config",
+        "loss_history",
+        "rng",
+        "data_state",
+    ):
         assert key in state, key
     assert RunSpec.model_validate(state["config"]) == spec
 
@@ -160,7 +188,9 @@ def test_sample_generation_shape(latent_dir: Path, tmp_path: Path) -> None:
 
     spec = tiny_spec(latent_dir, tmp_path / "run")
     trainer = Trainer(spec)
-    folder = write_periodic_samples(spec, {"ema": trainer.ema_net, "online": trainer.net}, trainer.data.stats, 7, trainer.device)
+    folder = write_periodic_samples(
+        spec, {"ema": trainer.ema_net, "online": trainer.net}, trainer.data.stats, 7, trainer.device
+    )
     assert folder == spec.paths.run_dir / "samples" / "epoch_7"
     for label in ("ema_nfe1", "ema_nfe2", "online_nfe1", "online_nfe2"):
         latents = torch.load(folder / f"{label}_latents.pt", weights_only=True)
@@ -185,8 +215,16 @@ def test_short_run_writes_documented_outputs(latent_dir: Path, tmp_path: Path) -
     log = read_log(run_dir)
     steps = [r for r in log if "train/loss_total" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
-    for key in ("train/loss_total", "train/loss_fm", "train/loss_mf", "train/mse_fm", "train/mse_mf",
-                "train/grad_norm", "train/lr", "train/latents_per_s"):
+    for key in (
+        "train/loss_total",
+        "train/loss_fm",
+        "train/loss_mf",
+        "train/mse_fm",
+        "train/mse_mf",
+        "train/grad_norm",
+        "train/lr",
+        "train/latents_per_s",
+    ):
         assert key in steps[-1], key
     vals = [r for r in log if "val/mse_total" in r]
     assert [r["epoch"] for r in vals] == [1, 2, 3]  # epochs 1, 2 and the final partial one
@@ -208,16 +246,20 @@ def test_short_run_writes_documented_outputs(latent_dir: Path, tmp_path: Path) -
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_2", "epoch_3"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ckpts
     assert (run_dir / "training_log.jsonl").read_text().startswith(log_before)
-    assert not [r for r in read_log(run_dir)[len(log):] if "val/mse_total" in r or "train/loss_total" in r]
+    assert not [r for r in read_log(run_dir)[len(log) :] if "val/mse_total" in r or "train/loss_total" in r]
 
 
-def test_resume_auto_without_checkpoint_starts_fresh(latent_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_auto_without_checkpoint_starts_fresh(
+    latent_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     trainer = Trainer(tiny_spec(latent_dir, tmp_path / "run"), resume="auto")
     assert trainer.progress.global_step == 0
     assert "no checkpoint to resume from: starting fresh" in capsys.readouterr().out
 
 
-def test_resume_from_a_missing_path_is_a_clear_error(latent_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_from_a_missing_path_is_a_clear_error(
+    latent_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     spec = write_spec(latent_dir, tmp_path / "run")
     assert main(["train", str(spec), "--resume", str(tmp_path / "nope.pt")]) == 2
     assert "--resume: " in capsys.readouterr().err
@@ -242,7 +284,9 @@ def test_a_failed_compile_is_said_once_and_the_step_is_redone_eagerly(latent_dir
     trainer._train_step_or_eager(trainer.batches.next_batch())
     trainer.log.close()
     events = [r["event"] for r in read_log(tmp_path / "run2") if "event" in r]
-    assert events == ["torch.compile failed (RuntimeError: InductorError: CppCompileError: C++ compile error); falling back to eager"]
+    assert events == [
+        "torch.compile failed (RuntimeError: InductorError: CppCompileError: C++ compile error); falling back to eager"
+    ]
 
 
 # ---------------------------------------------------------------- NaN / Inf
@@ -290,8 +334,13 @@ def test_consecutive_bad_steps_stop_the_run(latent_dir: Path, tmp_path: Path) ->
 
 def start_training(spec: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "neuromf", "train", str(spec), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "neuromf", "train", str(spec), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -299,7 +348,9 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     log = run_dir / "training_log.jsonl"
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else "trainer exited"
-        if log.exists() and any(json.loads(l).get("step", 0) >= step for l in log.read_text().splitlines() if l.strip()):
+        if log.exists() and any(
+            json.loads(line).get("step", 0) >= step for line in log.read_text().splitlines() if line.strip()
+        ):
             return
         time.sleep(0.05)
     raise TimeoutError(f"step {step} not reached")
@@ -309,7 +360,9 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 def test_exact_resume_after_sigkill(latent_dir: Path, tmp_path: Path) -> None:
     """N steps in one go == the same N steps killed (SIGKILL) after a checkpoint and resumed: bit-identical."""
     straight = write_spec(latent_dir, tmp_path / "straight", training={"max_steps": 14})
-    assert subprocess.run([sys.executable, "-m", "neuromf", "train", str(straight)], capture_output=True).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-m", "neuromf", "train", str(straight)], capture_output=True).returncode == 0
+    )
 
     killed_dir = tmp_path / "killed"
     killed = write_spec(latent_dir, killed_dir, training={"max_steps": 14})
@@ -318,7 +371,9 @@ def test_exact_resume_after_sigkill(latent_dir: Path, tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(killed_dir / "checkpoints" / "latest.pt")["global_step"] < 14
-    resumed = subprocess.run([sys.executable, "-m", "neuromf", "train", str(killed), "--resume", "auto"], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "neuromf", "train", str(killed), "--resume", "auto"], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
 
@@ -345,7 +400,9 @@ def test_sigterm_saves_exits_75_and_resumes(latent_dir: Path, tmp_path: Path) ->
     assert 3 <= saved < 40
     events = [r["event"] for r in read_log(run_dir) if "event" in r]
     assert any("SIGTERM: saved" in e for e in events)
-    resumed = subprocess.run([sys.executable, "-m", "neuromf", "train", str(spec), "--resume", "auto"], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "neuromf", "train", str(spec), "--resume", "auto"], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stderr and f"at step {saved}" in resumed.stderr
+    assert "resumed from" in resumed.stderr and f"at step {saved}" in resumed.stderr
     assert final_state(run_dir)["global_step"] == 40

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from imf_tiny import TINY, tiny_net, tiny_spec
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from imf_tiny import TINY, tiny_net, tiny_spec
 from neuromf.errors import UserError
 from neuromf.model.unet import (
     Fp32GroupNorm,
@@ -84,9 +84,16 @@ def test_groupnorm_is_fp32_plain_ops_with_monai_parameter_names() -> None:
     assert norms and all(type(m) is Fp32GroupNorm for m in norms)
     assert not any(getattr(m, "inplace", False) for m in net.modules())  # no SiLU(inplace) on the JVP path
     plain = DiffusionModelUNetMaisi(
-        spatial_dims=3, in_channels=4, out_channels=4, num_res_blocks=1, num_channels=TINY["channels"],
-        attention_levels=TINY["attention_levels"], num_head_channels=TINY["num_head_channels"],
-        norm_num_groups=4, resblock_updown=True, include_fc=True,
+        spatial_dims=3,
+        in_channels=4,
+        out_channels=4,
+        num_res_blocks=1,
+        num_channels=TINY["channels"],
+        attention_levels=TINY["attention_levels"],
+        num_head_channels=TINY["num_head_channels"],
+        norm_num_groups=4,
+        resblock_updown=True,
+        include_fc=True,
     )
     assert list(net.unet.state_dict()) == list(plain.state_dict())
     ref = nn.GroupNorm(4, 16, eps=1e-6)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from _latent_data import longitudinal_metas, write_longitudinal, write_upstream_shard
 from _tiny_run import tiny_run_raw
+
 from neuromf.cli import main
 from neuromf.data.shard import read_shard, read_shard_info
 
@@ -47,8 +47,12 @@ def test_pack_reads_upstream_shards_and_pt_files_with_their_metadata(tmp_path: P
     unwritten = oasis[2].name
     assert unwritten not in metas
     m = metas[oasis[0].name]
-    assert (m.subject, m.session, m.dataset, m.source_path) == (oasis[0].subject, oasis[0].session, "PT001_OASIS1",
-                                                               oasis[0].source_path)
+    assert (m.subject, m.session, m.dataset, m.source_path) == (
+        oasis[0].subject,
+        oasis[0].session,
+        "PT001_OASIS1",
+        oasis[0].source_path,
+    )
     older = longitudinal_metas({"PT002_OASIS2": 3}, seed=3)[0]
     assert metas[older.name].dataset == "PT002_OASIS2" and metas[older.name].source_path == older.source_path
 
@@ -101,7 +105,9 @@ def _bad(folder: Path, kind: str) -> str:
 
 
 @pytest.mark.parametrize("kind", ["no written slots", "mismatched shapes", "missing latents"])
-def test_bad_upstream_shards_one_line_exit_2_nothing_written(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+def test_bad_upstream_shards_one_line_exit_2_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
     expected = _bad(tmp_path / "lat", kind)
     out = tmp_path / "out" / "shard.h5"
     assert main(["pack", str(tmp_path / "lat"), str(out), "--no-progress"]) == 2
@@ -110,7 +116,9 @@ def test_bad_upstream_shards_one_line_exit_2_nothing_written(tmp_path: Path, cap
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
-def test_validate_check_paths_knows_upstream_shards_and_prints_the_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_check_paths_knows_upstream_shards_and_prints_the_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _upstream_folder(tmp_path / "lat")
     raw = tiny_run_raw(tmp_path / "lat", tmp_path / "run", max_steps=3)
     raw["training"]["batch_size"] = 2
@@ -129,8 +137,13 @@ def test_validate_check_paths_knows_upstream_shards_and_prints_the_split(tmp_pat
     assert "refusing to overwrite it" in capsys.readouterr().err
     assert (tmp_path / "lat" / "PT005_IXI.h5").read_bytes() == before
     # the folder itself: OK, and the split is printed per split with subjects and datasets
-    raw["data"] = {"source": "shard", "latent_dir": str(tmp_path / "lat"), "shard": str(tmp_path / "run" / "l.h5"),
-                   "val_fraction": 0.2, "test_fraction": 0.1}
+    raw["data"] = {
+        "source": "shard",
+        "latent_dir": str(tmp_path / "lat"),
+        "shard": str(tmp_path / "run" / "l.h5"),
+        "val_fraction": 0.2,
+        "test_fraction": 0.1,
+    }
     spec_path.write_text(yaml.safe_dump(raw))
     assert main(["validate", str(spec_path), "--check-paths"]) == 0
     out = capsys.readouterr().out

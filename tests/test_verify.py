@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _tiny_run import build_tiny_run
 from PIL import Image
 
-from _tiny_run import build_tiny_run
 from neuromf.cli import main
 from neuromf.evaluation.checks import (
     check_grids,
@@ -67,7 +67,9 @@ def test_verify_writes_the_report_the_json_twin_and_the_loss_curve(verified: tup
     assert curve.shape[0] > 300 and curve.shape[1] > 600
     assert (np.abs(curve.astype(int) - [255, 127, 14]).sum(-1) < 30).sum() > 20  # the EMA validation line is drawn
     assert (np.abs(curve.astype(int) - [44, 160, 44]).sum(-1) < 30).sum() > 20  # the resume marker / online val line
-    assert (run / "evaluation" / "evaluation.json").is_file() and (run / "evaluation" / "latent_histograms.png").is_file()
+    assert (run / "evaluation" / "evaluation.json").is_file() and (
+        run / "evaluation" / "latent_histograms.png"
+    ).is_file()
 
 
 def test_verify_statuses_on_the_tiny_run(verified: tuple[Path, int, str]) -> None:
@@ -114,7 +116,11 @@ def test_verify_bad_input_exits_2(case: str, tmp_path: Path, capsys: pytest.Capt
         (target / "checkpoints" / "latest.pt").write_bytes(b"\x00" * 64)
     assert main(["verify", str(target), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    expected = {"empty": "not a NeuroMF run folder", "missing": "no such folder", "garbage checkpoint": "cannot be loaded"}[case]
+    expected = {
+        "empty": "not a NeuroMF run folder",
+        "missing": "no such folder",
+        "garbage checkpoint": "cannot be loaded",
+    }[case]
     assert expected in err and "Traceback" not in err
     assert not (target / "verification_report.md").exists()
 
@@ -123,7 +129,14 @@ def test_verify_bad_input_exits_2(case: str, tmp_path: Path, capsys: pytest.Capt
 
 
 def _train(step: int, mse: float, epoch: int = 0, **extra: Any) -> dict[str, Any]:
-    return {"step": step, "epoch": epoch, "train/loss_total": 1.9, "train/mse_fm": mse / 2, "train/mse_mf": mse / 2, **extra}
+    return {
+        "step": step,
+        "epoch": epoch,
+        "train/loss_total": 1.9,
+        "train/mse_fm": mse / 2,
+        "train/mse_mf": mse / 2,
+        **extra,
+    }
 
 
 def test_check_started() -> None:
@@ -178,7 +191,10 @@ def test_check_statistics_tolerances() -> None:
 
     def evaluation(mean: float, std: float) -> dict[str, Any]:
         moments = [{"mean": mean, "std": std, "skewness": 0.0, "kurtosis": 0.0}]
-        return {"training_moments": train, "results": [{"weights": "ema", "nfe": 1, "moments": moments, "histogram_overlap": [0.9]}]}
+        return {
+            "training_moments": train,
+            "results": [{"weights": "ema", "nfe": 1, "moments": moments, "histogram_overlap": [0.9]}],
+        }
 
     assert check_statistics(evaluation(1.1, 2.1)).status == "PASS"  # 0.05 std off, ratio 1.05
     assert check_statistics(evaluation(1.6, 2.0)).status == "NEEDS-LOOK"  # 0.3 std off
@@ -201,7 +217,9 @@ def test_check_grids(tmp_path: Path) -> None:
 def test_loss_curve_marks_resumes_and_bad_steps(tmp_path: Path) -> None:
     records = [_train(s, 10.0 / s) for s in range(1, 60)]
     records += [{"step": 20, "event": "resumed from x at step 20"}, {"step": 30, "event": "skipped", "bad_step": True}]
-    records += [{"step": s, "epoch": s // 10, "val/mse_total": 5.0 / s, "val_online/mse_total": 6.0 / s} for s in (10, 30, 50)]
+    records += [
+        {"step": s, "epoch": s // 10, "val/mse_total": 5.0 / s, "val_online/mse_total": 6.0 / s} for s in (10, 30, 50)
+    ]
     path = write_loss_curve(records, 1.0, tmp_path / "curve.png", "test")
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert (np.abs(img - [214, 39, 40]).sum(-1) < 30).sum() > 20  # a red dashed marker for the bad step

@@ -7,12 +7,12 @@ writes lands in the run folder (never $HOME, which may be read-only under `docke
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from _wandb_offline import wait_for_exit_record, wandb_history, wandb_run_ids
+
 from neuromf.spec import runspec_from_dict
 from neuromf.train.run_log import RunLog
 
@@ -38,9 +38,14 @@ def clean_env(tmp_path: Path) -> Iterator[Path]:
 
 def test_offline_run_keeps_its_id_across_a_resume_and_logs_scalars(tmp_path: Path, clean_env: Path) -> None:
     run_dir = tmp_path / "run"
-    spec = runspec_from_dict({"name": "wandb-test", "paths": {"run_dir": str(run_dir)},
-                              "logging": {"wandb": True, "wandb_mode": "offline", "progress": "plain"}},
-                             base_dir=tmp_path)
+    spec = runspec_from_dict(
+        {
+            "name": "wandb-test",
+            "paths": {"run_dir": str(run_dir)},
+            "logging": {"wandb": True, "wandb_mode": "offline", "progress": "plain"},
+        },
+        base_dir=tmp_path,
+    )
     first = RunLog(spec, total_steps=6, start_step=0, resumed=False)
     for step in (1, 2, 3):
         first.log({"step": step, "train/loss_total": 1.0 / step, "lr": 1e-4})

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from _tiny_run import tiny_run_raw
+from test_extractors import save_medicalnet
+
 from neuromf.data.demo import build_demo_dataset
 from neuromf.spec import runspec_from_dict
-from test_extractors import save_medicalnet
 
 
 @pytest.mark.slow
@@ -38,7 +38,9 @@ def test_wandb_offline_images_and_periodic_fid(tmp_path: Path, monkeypatch: pyte
 
     records = [json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/fid_ema_nfe1" in r]
-    assert [r["epoch"] for r in evals] == [1, 2] and all(r["eval/fid_ema_nfe1"] >= 0 and r["eval/n"] == 4 for r in evals)
+    assert [r["epoch"] for r in evals] == [1, 2] and all(
+        r["eval/fid_ema_nfe1"] >= 0 and r["eval/n"] == 4 for r in evals
+    )
     assert evals[0]["eval_features"].startswith("medicalnet3d (image space) vs val")
 
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -51,8 +53,24 @@ def test_wandb_offline_images_and_periodic_fid(tmp_path: Path, monkeypatch: pyte
     # `neuromf evaluate` puts its numbers into the same wandb run's summary.
     from neuromf.cli import main
 
-    assert main(["evaluate", str(run_dir), "--features", "medicalnet3d", "--weights", str(weights), "--nfe", "1",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run_dir),
+                "--features",
+                "medicalnet3d",
+                "--weights",
+                str(weights),
+                "--nfe",
+                "1",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 3 and all(d.name.endswith(f"-{run_id}") for d in offline)
     assert b"evaluate/fid_ema_nfe1" in (offline[-1] / f"run-{run_id}.wandb").read_bytes()

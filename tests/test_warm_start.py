@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from imf_tiny import TINY, tiny_net
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.data.meta_tensor import MetaTensor
 from monai.utils.enums import TraceKeys
 
-from imf_tiny import TINY, tiny_net
 from neuromf.errors import UserError
 from neuromf.model.unet import perturb_zero_init
 from neuromf.model.warm_start import load_pretrained_backbone
@@ -21,10 +21,18 @@ from neuromf.model.warm_start import load_pretrained_backbone
 def released_layout_unet(**overrides: Any) -> DiffusionModelUNetMaisi:
     """A tiny DiffusionModelUNetMaisi configured like diff_unet_3d_rflow-mr.pt (spacing, 128 classes, include_fc)."""
     kwargs: dict[str, Any] = dict(
-        spatial_dims=3, in_channels=4, out_channels=4, num_res_blocks=TINY["num_res_blocks"],
-        num_channels=TINY["channels"], attention_levels=TINY["attention_levels"],
-        num_head_channels=TINY["num_head_channels"], norm_num_groups=TINY["norm_num_groups"],
-        resblock_updown=True, include_fc=True, include_spacing_input=True, num_class_embeds=128,
+        spatial_dims=3,
+        in_channels=4,
+        out_channels=4,
+        num_res_blocks=TINY["num_res_blocks"],
+        num_channels=TINY["channels"],
+        attention_levels=TINY["attention_levels"],
+        num_head_channels=TINY["num_head_channels"],
+        norm_num_groups=TINY["norm_num_groups"],
+        resblock_updown=True,
+        include_fc=True,
+        include_spacing_input=True,
+        num_class_embeds=128,
     )
     kwargs.update(overrides)
     torch.manual_seed(7)
@@ -66,7 +74,9 @@ def test_released_layout_loads_and_output_is_preserved(tmp_path: Path) -> None:
     t = torch.tensor([0.2, 0.5, 0.9])
     with torch.no_grad():
         expected = ref(
-            x, timesteps=t * 1000, class_labels=torch.full((3,), 29, dtype=torch.long),
+            x,
+            timesteps=t * 1000,
+            class_labels=torch.full((3,), 29, dtype=torch.long),
             spacing_tensor=torch.tensor([[1.0, 1.2, 0.9]]).repeat(3, 1) * 100,
         )
         ours_h0 = net(x, t, torch.zeros(3))
@@ -76,8 +86,12 @@ def test_released_layout_loads_and_output_is_preserved(tmp_path: Path) -> None:
     assert torch.equal(ours_h0, ours_h)  # the zero h MLP keeps the output for every h
     # the folded constants matter: another class or spacing gives another function
     with torch.no_grad():
-        other = ref(x, timesteps=t * 1000, class_labels=torch.full((3,), 9, dtype=torch.long),
-                    spacing_tensor=torch.tensor([[1.0, 1.2, 0.9]]).repeat(3, 1) * 100)
+        other = ref(
+            x,
+            timesteps=t * 1000,
+            class_labels=torch.full((3,), 9, dtype=torch.long),
+            spacing_tensor=torch.tensor([[1.0, 1.2, 0.9]]).repeat(3, 1) * 100,
+        )
     assert not torch.allclose(other, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -88,7 +102,9 @@ def test_all_released_weights_are_used(tmp_path: Path) -> None:
     load_pretrained_backbone(net, save_released_layout(tmp_path / "c.pt", ref))
     ours = net.unet.state_dict()
     for key, value in ref.state_dict().items():
-        if key.startswith(("class_embedding.", "spacing_layer.")) or key.endswith(("time_emb_proj.bias", "time_embed.2.bias")):
+        if key.startswith(("class_embedding.", "spacing_layer.")) or key.endswith(
+            ("time_emb_proj.bias", "time_embed.2.bias")
+        ):
             continue  # folded
         if key.endswith("time_emb_proj.weight"):
             value = value[:, : value.shape[1] // 2]

@@ -16,14 +16,14 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
-from neuromf.data.prepare import prepare_data
 from neuromf.data.pack import pack_latents
+from neuromf.data.prepare import prepare_data
 from neuromf.data.shard import ShardReader, read_shard, read_shard_info
 from neuromf.spec import runspec_from_dict
 
@@ -64,7 +64,9 @@ def precision_cost(folder: Path, workdir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def _time_batches(spec_raw: dict[str, Any], base: Path, device: torch.device, batch_size: int, steps: int) -> dict[str, float]:
+def _time_batches(
+    spec_raw: dict[str, Any], base: Path, device: torch.device, batch_size: int, steps: int
+) -> dict[str, float]:
     start = time.perf_counter()
     data = prepare_data(runspec_from_dict(spec_raw, base), device, progress=False)
     prepare_s = time.perf_counter() - start
@@ -107,17 +109,32 @@ def _time_fetch(shard: Path, batch_size: int, steps: int) -> dict[str, float]:
 
 
 def bench_data(
-    workdir: Optional[Path] = None, n: int = 256, size: int = 48, batch_size: int = 24, steps: int = 60,
-    device: str = "cpu", demo_size: int = 32, demo_volumes: int = 32,
+    workdir: Path | None = None,
+    n: int = 256,
+    size: int = 48,
+    batch_size: int = 24,
+    steps: int = 60,
+    device: str = "cpu",
+    demo_size: int = 32,
+    demo_volumes: int = 32,
 ) -> dict[str, Any]:
     """Run every measurement; returns a nested dict of numbers (and the versions used)."""
     tmp = tempfile.TemporaryDirectory(prefix="neuromf-bench-") if workdir is None else None
     work = Path(tmp.name) if tmp else Path(workdir)
     dev = torch.device(device)
     results: dict[str, Any] = {
-        "n": n, "size": size, "batch_size": batch_size, "steps": steps, "device": str(dev),
-        "versions": {"torch": torch.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
-                     "numpy": np.__version__, "python": platform.python_version()},
+        "n": n,
+        "size": size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "device": str(dev),
+        "versions": {
+            "torch": torch.__version__,
+            "h5py": h5py.__version__,
+            "hdf5": h5py.version.hdf5_version,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
         "threads": torch.get_num_threads(),
     }
     src = work / "lat"
@@ -126,13 +143,20 @@ def bench_data(
     results["write_pt_s"] = time.perf_counter() - start
     for dtype in ("float32", "bfloat16"):
         rep = pack_latents(src, work / f"pack-{dtype}.h5", dtype=dtype, progress=False)
-        results[f"pack_{dtype}"] = {"seconds": rep.seconds, "latents_per_s": n / rep.seconds,
-                                    "source_MB_per_s": nbytes / rep.seconds / 1e6, "shard_MB": rep.nbytes / 1e6}
+        results[f"pack_{dtype}"] = {
+            "seconds": rep.seconds,
+            "latents_per_s": n / rep.seconds,
+            "source_MB_per_s": nbytes / rep.seconds / 1e6,
+            "shard_MB": rep.nbytes / 1e6,
+        }
         if dtype != "float32":
             (work / f"pack-{dtype}.h5").unlink()
     results["fetch"] = _time_fetch(work / "pack-float32.h5", batch_size, steps)
-    raw = {"model": {"spatial_size": [size] * 3}, "paths": {"run_dir": str(work / "run")},
-           "data": {"source": "shard", "latent_dir": str(src), "shard": str(work / "pack-float32.h5")}}
+    raw = {
+        "model": {"spatial_size": [size] * 3},
+        "paths": {"run_dir": str(work / "run")},
+        "data": {"source": "shard", "latent_dir": str(src), "shard": str(work / "pack-float32.h5")},
+    }
     residencies = ["device", "host", "stream"] if dev.type == "cuda" else ["host", "stream"]
     for residency in residencies:
         raw["data"]["residency"] = residency
@@ -158,38 +182,58 @@ def bench_data(
 def format_markdown(r: dict[str, Any]) -> str:
     """The numbers as the table rows docs/benchmarks.md shows."""
     mb = 4 * r["size"] ** 3 * 4 / 1e6
-    lines = [f"Latents: {r['n']} x (4, {r['size']}^3) float32 ({mb:.2f} MB each), batch {r['batch_size']}, "
-             f"{r['steps']} timed batches, device {r['device']}, {r['threads']} torch threads.", "",
-             "| what | time | throughput |", "| --- | --- | --- |"]
+    lines = [
+        f"Latents: {r['n']} x (4, {r['size']}^3) float32 ({mb:.2f} MB each), batch {r['batch_size']}, "
+        f"{r['steps']} timed batches, device {r['device']}, {r['threads']} torch threads.",
+        "",
+        "| what | time | throughput |",
+        "| --- | --- | --- |",
+    ]
     for dtype in ("float32", "bfloat16"):
         p = r[f"pack_{dtype}"]
-        lines.append(f"| pack --dtype {dtype} ({p['shard_MB']:.0f} MB shard) | {p['seconds']:.2f} s | "
-                     f"{p['latents_per_s']:.0f} latents/s, {p['source_MB_per_s']:.0f} MB/s of sources |")
+        lines.append(
+            f"| pack --dtype {dtype} ({p['shard_MB']:.0f} MB shard) | {p['seconds']:.2f} s | "
+            f"{p['latents_per_s']:.0f} latents/s, {p['source_MB_per_s']:.0f} MB/s of sources |"
+        )
     f = r["fetch"]
-    lines.append(f"| gather a batch from a tensor in RAM (no normalise) | {f['memory_ms']:.1f} ms | "
-                 f"{r['batch_size'] * 1000 / f['memory_ms']:.0f} latents/s |")
-    lines.append(f"| read a batch's {r['batch_size']} chunks from the shard (no normalise, no prefetch) | "
-                 f"{f['shard_ms']:.1f} ms | {r['batch_size'] * 1000 / f['shard_ms']:.0f} latents/s |")
+    lines.append(
+        f"| gather a batch from a tensor in RAM (no normalise) | {f['memory_ms']:.1f} ms | "
+        f"{r['batch_size'] * 1000 / f['memory_ms']:.0f} latents/s |"
+    )
+    lines.append(
+        f"| read a batch's {r['batch_size']} chunks from the shard (no normalise, no prefetch) | "
+        f"{f['shard_ms']:.1f} ms | {r['batch_size'] * 1000 / f['shard_ms']:.0f} latents/s |"
+    )
     for key in ("device", "host", "host_flip", "stream", "folder_stream"):
         if f"batches_{key}" in r:
             b = r[f"batches_{key}"]
-            lines.append(f"| next_batch, residency {key} (prepare {b['prepare_s']:.2f} s) | {b['ms_per_batch']:.1f} ms | "
-                         f"{b['latents_per_s']:.0f} latents/s, {b['MB_per_s']:.0f} MB/s |")
+            lines.append(
+                f"| next_batch, residency {key} (prepare {b['prepare_s']:.2f} s) | {b['ms_per_batch']:.1f} ms | "
+                f"{b['latents_per_s']:.0f} latents/s, {b['MB_per_s']:.0f} MB/s |"
+            )
     for key in ("precision_synthetic", "precision_demo"):
         if key in r:
-            lines += ["", f"{key.replace('_', ' ')}: error against float32, in units of the channel's std", "",
-                      "| dtype | max abs err / std | RMS err / std | max relative err | size vs float32 |",
-                      "| --- | --- | --- | --- | --- |"]
+            lines += [
+                "",
+                f"{key.replace('_', ' ')}: error against float32, in units of the channel's std",
+                "",
+                "| dtype | max abs err / std | RMS err / std | max relative err | size vs float32 |",
+                "| --- | --- | --- | --- | --- |",
+            ]
             for dtype, e in r[key].items():
-                lines.append(f"| {dtype} | {e['max_abs_err_std']:.2e} | {e['rms_err_std']:.2e} | "
-                             f"{e['max_rel_err']:.2e} | {e['size_ratio']:.2f} |")
+                lines.append(
+                    f"| {dtype} | {e['max_abs_err_std']:.2e} | {e['rms_err_std']:.2e} | "
+                    f"{e['max_rel_err']:.2e} | {e['size_ratio']:.2f} |"
+                )
     v = r["versions"]
-    lines += ["", f"Versions: torch {v['torch']}, h5py {v['h5py']} (HDF5 {v['hdf5']}), numpy {v['numpy']}, "
-              f"Python {v['python']}."]
+    lines += [
+        "",
+        f"Versions: torch {v['torch']}, h5py {v['h5py']} (HDF5 {v['hdf5']}), numpy {v['numpy']}, Python {v['python']}.",
+    ]
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--size", type=int, default=48)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,7 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from neuromf.doctor.meter import MemoryMeter
 
 __all__ = [
-    "MemoryMeter", "PEAK_TFLOPS", "StepClock", "count_flops", "describe_device", "lookup_peak_tflops", "peak_flops",
+    "MemoryMeter",
+    "PEAK_TFLOPS",
+    "StepClock",
+    "count_flops",
+    "describe_device",
+    "lookup_peak_tflops",
+    "peak_flops",
     "versions",
 ]
 
@@ -66,12 +73,22 @@ def describe_device(device: torch.device) -> dict[str, Any]:
     """Name, memory and parallelism of the device the steps run on."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"type": "cuda", "name": props.name, "memory_bytes": props.total_memory,
-                "multiprocessors": props.multi_processor_count, "capability": f"{props.major}.{props.minor}"}
-    return {"type": device.type, "name": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "memory_bytes": props.total_memory,
+            "multiprocessors": props.multi_processor_count,
+            "capability": f"{props.major}.{props.minor}",
+        }
+    return {
+        "type": device.type,
+        "name": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[Optional[float], str]:
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
     """(dense peak FLOP/s for `precision` on `device`, where the number comes from); (None, why) if unknown."""
     if device.type != "cuda":
         return None, "no peak table for CPUs (give --peak-tflops)"
@@ -85,7 +102,7 @@ def peak_flops(device: torch.device, precision: str) -> tuple[Optional[float], s
     return found[0] * 1e12, f"{found[1]} dense {kind} data-sheet peak"
 
 
-def lookup_peak_tflops(device_name: str, kind: str) -> Optional[tuple[float, str]]:
+def lookup_peak_tflops(device_name: str, kind: str) -> tuple[float, str] | None:
     """(peak TFLOP/s, table key) for a CUDA device name and "bf16" | "tf32" | "fp32"; None if not in the table."""
     for key, peaks in PEAK_TFLOPS:
         if key in device_name:
@@ -121,7 +138,10 @@ def top_kernels(fn: Callable[[], Any], device: torch.device, top: int) -> list[d
     events = [e for e in prof.key_averages() if self_us(e) > 0]
     total = sum(self_us(e) for e in events) or 1.0
     events.sort(key=self_us, reverse=True)
-    return [{"name": e.key, "calls": int(e.count), "self_ms": self_us(e) / 1e3, "share": self_us(e) / total} for e in events[:top]]
+    return [
+        {"name": e.key, "calls": int(e.count), "self_ms": self_us(e) / 1e3, "share": self_us(e) / total}
+        for e in events[:top]
+    ]
 
 
 class StepClock:
@@ -140,7 +160,7 @@ class StepClock:
 
     def iteration(
         self, fetch: Callable[[], torch.Tensor], step: Callable[[torch.Tensor], Any]
-    ) -> tuple[float, float, Optional[float]]:
+    ) -> tuple[float, float, float | None]:
         """Run fetch() then step(batch); return (data wait, step, step CPU time) in seconds, the device idle.
 
         The CPU time (time.process_time: all threads of this process) is returned on CPU devices

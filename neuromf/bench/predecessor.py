@@ -19,8 +19,8 @@ adds NeuroMF's L_FM term, one more forward and backward than the predecessor eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ class PredecessorOptions:
     norm_eps: float = 1.0
     # Fraction of the batch with r = t. None: the run-spec's time_sampling.data_proportion, so that every
     # variant of one bench sees the same (t, r); the predecessor's step costs the same for any value.
-    data_proportion: Optional[float] = 0.5
+    data_proportion: float | None = 0.5
 
 
 def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def predecessor_imf_loss(
     prediction_type: str = "x",
     *,
     norm_eps: float = 1.0,
-    autocast_dtype: Optional[torch.dtype] = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The predecessor's loss on given noise and times (same arguments as `MeanFlowLoss.compute`)."""
     dtype = torch.promote_types(z0.dtype, torch.float32)

@@ -22,7 +22,8 @@ is used to train.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ def _col(s: torch.Tensor) -> torch.Tensor:
     return s.view(-1, 1, 1, 1, 1)
 
 
-def u_function(net: Net, mf: MeanFlowSpec, prediction_type: str, autocast_dtype: Optional[torch.dtype]) -> Net:
+def u_function(net: Net, mf: MeanFlowSpec, prediction_type: str, autocast_dtype: torch.dtype | None) -> Net:
     """u(z, t, h): the network under autocast (if asked), the x -> u conversion in z's dtype."""
 
     def u_fn(z: torch.Tensor, tt: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def naive_imf_loss(
     mf: MeanFlowSpec,
     prediction_type: str = "x",
     *,
-    autocast_dtype: Optional[torch.dtype] = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deliberately naive iMF loss: whole batch, graph-building torch.func.jvp, no slicing, no reuse."""
     t, r = t.to(z0.dtype), r.to(z0.dtype)
@@ -94,7 +95,7 @@ def flow_matching_loss(
     mf: MeanFlowSpec,
     prediction_type: str = "x",
     *,
-    autocast_dtype: Optional[torch.dtype] = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Plain flow matching with the same network, inputs and weighting: the cost floor of a step (r is unused)."""
     del r
@@ -112,8 +113,16 @@ def as_compute(loss_fn: Callable[..., dict[str, torch.Tensor]], **bound: Any) ->
     (net, z0, e, t, r, grad_net=, autocast_dtype=). A reference has one network for everything: `grad_net`
     when given (the DDP wrapper of a multi-process run, in both roles), else `net`."""
 
-    def compute(net: Net, z0: torch.Tensor, e: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *,
-                grad_net: Optional[Net] = None, autocast_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    def compute(
+        net: Net,
+        z0: torch.Tensor,
+        e: torch.Tensor,
+        t: torch.Tensor,
+        r: torch.Tensor,
+        *,
+        grad_net: Net | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
         return loss_fn(net if grad_net is None else grad_net, z0, e, t, r, autocast_dtype=autocast_dtype, **bound)
 
     return compute

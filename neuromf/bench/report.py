@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from neuromf.atomic import atomic_write_text
 
@@ -42,7 +42,7 @@ PREDECESSOR_LATENTS_PER_S = 3.4  # the earlier research code: 132 latents per ~6
 GPU_MEMORY_LIMIT = 40e9  # an A100 "40GB" has 39.6 GiB; 40e9 bytes (37.3 GiB) leaves room for the CUDA context
 
 
-def _value(v: dict[str, Any], measure: str, clock: str, stat: str) -> Optional[float]:
+def _value(v: dict[str, Any], measure: str, clock: str, stat: str) -> float | None:
     if v.get("error"):
         return None
     if measure == "time":
@@ -76,27 +76,55 @@ def ratios_and_targets(out: dict[str, Any]) -> dict[str, Any]:
     for key, label, threshold, kind in COMPARE_TARGETS:
         if key in ratios:
             value = ratios[key]
-            targets.append({"name": label, "value": value, "threshold": threshold, "kind": kind,
-                            "met": value >= threshold if kind == "min" else value <= threshold})
+            targets.append(
+                {
+                    "name": label,
+                    "value": value,
+                    "threshold": threshold,
+                    "kind": kind,
+                    "met": value >= threshold if kind == "min" else value <= threshold,
+                }
+            )
     if out["device"]["type"] == "cuda":
         proj = out.get("projection")
         main = variants.get(proj["variant"]) if proj else None
         if main is not None:
             if main.get("mfu") is not None:
-                targets.append({"name": "MFU >= 35 % (H100, bf16, dense peak)", "value": main["mfu"], "threshold": 0.35,
-                                "kind": "min", "met": main["mfu"] >= 0.35})
+                targets.append(
+                    {
+                        "name": "MFU >= 35 % (H100, bf16, dense peak)",
+                        "value": main["mfu"],
+                        "threshold": 0.35,
+                        "kind": "min",
+                        "met": main["mfu"] >= 0.35,
+                    }
+                )
             lps = main["latents_per_s"]
-            targets.append({"name": f">= 8x the predecessor's {PREDECESSOR_LATENTS_PER_S} latents/s per GPU", "value": lps,
-                            "threshold": 8 * PREDECESSOR_LATENTS_PER_S, "kind": "min", "met": lps >= 8 * PREDECESSOR_LATENTS_PER_S})
+            targets.append(
+                {
+                    "name": f">= 8x the predecessor's {PREDECESSOR_LATENTS_PER_S} latents/s per GPU",
+                    "value": lps,
+                    "threshold": 8 * PREDECESSOR_LATENTS_PER_S,
+                    "kind": "min",
+                    "met": lps >= 8 * PREDECESSOR_LATENTS_PER_S,
+                }
+            )
             reserved = main.get("peak_reserved_bytes")
             if reserved is not None:
-                targets.append({"name": f"a step of {out['settings']['batch_size']} within 40 GB (peak reserved)",
-                                "value": reserved, "threshold": GPU_MEMORY_LIMIT, "kind": "max", "met": reserved <= GPU_MEMORY_LIMIT})
+                targets.append(
+                    {
+                        "name": f"a step of {out['settings']['batch_size']} within 40 GB (peak reserved)",
+                        "value": reserved,
+                        "threshold": GPU_MEMORY_LIMIT,
+                        "kind": "max",
+                        "met": reserved <= GPU_MEMORY_LIMIT,
+                    }
+                )
     cpu = _ratios(variants, "median", "step_cpu_s") if out["device"]["type"] != "cuda" else {}
     return {"ratios": ratios, "ratios_best": _ratios(variants, "min"), "ratios_cpu": cpu, "targets": targets}
 
 
-def _mib(x: Optional[float]) -> str:
+def _mib(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**20:.0f} MiB"
 
 
@@ -118,24 +146,44 @@ def format_table(out: dict[str, Any]) -> str:
         f"{st['steps']} timed steps after {st['warmup'] + 1} untimed{', interleaved' if st.get('interleave') else ''}",
         "",
     ]
-    header = ("variant", "step: median [min..max]", "CPU s/step", "latents/s", "data wait", "peak step mem", "GFLOP/step", "fwd-eq/latent", "TFLOP/s", "MFU",
-              "1st step", "1st grad norm")
+    header = (
+        "variant",
+        "step: median [min..max]",
+        "CPU s/step",
+        "latents/s",
+        "data wait",
+        "peak step mem",
+        "GFLOP/step",
+        "fwd-eq/latent",
+        "TFLOP/s",
+        "MFU",
+        "1st step",
+        "1st grad norm",
+    )
     rows = [header]
     for name, v in out["variants"].items():
         if v["error"]:
             rows.append((name, f"FAILED: {v['error']}", *[""] * 10))
             continue
         s = v["step_s"]
-        rows.append((
-            name, f"{_s(s['median'])} [{_s(s['min'])}..{_s(s['max'])}]",
-            "-" if not v.get("step_cpu_s") else f"{v['step_cpu_s']['median']:.2f}", f"{v['latents_per_s']:.2f}",
-            f"{100 * v['data_wait_fraction']:.1f} %", _mib(v.get("peak_step_bytes")),
-            "-" if v["flops_per_step"] is None else f"{v['flops_per_step'] / 1e9:.1f}",
-            "-" if v.get("forward_equivalents_per_latent") is None else f"{v['forward_equivalents_per_latent']:.2f}",
-            "-" if v["achieved_tflops"] is None else f"{v['achieved_tflops']:.3f}",
-            "-" if v.get("mfu") is None else f"{100 * v['mfu']:.1f} %",
-            _s(v["first_step_s"]), f"{v['first_step']['grad_norm']:.6g}",
-        ))
+        rows.append(
+            (
+                name,
+                f"{_s(s['median'])} [{_s(s['min'])}..{_s(s['max'])}]",
+                "-" if not v.get("step_cpu_s") else f"{v['step_cpu_s']['median']:.2f}",
+                f"{v['latents_per_s']:.2f}",
+                f"{100 * v['data_wait_fraction']:.1f} %",
+                _mib(v.get("peak_step_bytes")),
+                "-" if v["flops_per_step"] is None else f"{v['flops_per_step'] / 1e9:.1f}",
+                "-"
+                if v.get("forward_equivalents_per_latent") is None
+                else f"{v['forward_equivalents_per_latent']:.2f}",
+                "-" if v["achieved_tflops"] is None else f"{v['achieved_tflops']:.3f}",
+                "-" if v.get("mfu") is None else f"{100 * v['mfu']:.1f} %",
+                _s(v["first_step_s"]),
+                f"{v['first_step']['grad_norm']:.6g}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows if not r[1].startswith("FAILED") or i < 2) for i in range(len(header))]
     for r in rows:
         if r[1].startswith("FAILED"):
@@ -145,21 +193,31 @@ def format_table(out: dict[str, Any]) -> str:
     if out["ratios"]:
         best, cpu = out.get("ratios_best", {}), out.get("ratios_cpu", {})
         lines += ["", f"ratios{'':<26} median  fastest  CPU time (median)"]
-        lines += [f"  {k:<30} {v:6.2f}  {best.get(k, math.nan):7.2f}  {cpu.get(k, math.nan):6.2f}".replace("nan", "  -")
-                  for k, v in out["ratios"].items()]
+        lines += [
+            f"  {k:<30} {v:6.2f}  {best.get(k, math.nan):7.2f}  {cpu.get(k, math.nan):6.2f}".replace("nan", "  -")
+            for k, v in out["ratios"].items()
+        ]
     if out["targets"]:
         lines += ["", "targets:"]
         for t in out["targets"]:
-            lines.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['value']:.3g} (threshold {t['threshold']:.3g})")
+            lines.append(
+                f"  [{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['value']:.3g} (threshold {t['threshold']:.3g})"
+            )
     for name, v in out["variants"].items():
         if v.get("profile"):
             lines += ["", f"{name}: the ops with the most self time in one step"]
-            lines += [f"  {100 * k['share']:5.1f} %  {k['self_ms']:9.1f} ms  {k['calls']:6d} x  {k['name'][:90]}" for k in v["profile"]]
+            lines += [
+                f"  {100 * k['share']:5.1f} %  {k['self_ms']:9.1f} ms  {k['calls']:6d} x  {k['name'][:90]}"
+                for k in v["profile"]
+            ]
     proj = out.get("projection")
     if proj:
-        lines += ["", f"projection ({proj['variant']}): {proj['total_steps']} steps x {_s(proj['seconds_per_step'])} = "
-                      f"{proj['run_hours']:.2f} h of training steps on this device "
-                      f"({proj['steps_per_epoch']} steps/epoch; validation, samples and checkpoints not included)"]
+        lines += [
+            "",
+            f"projection ({proj['variant']}): {proj['total_steps']} steps x {_s(proj['seconds_per_step'])} = "
+            f"{proj['run_hours']:.2f} h of training steps on this device "
+            f"({proj['steps_per_epoch']} steps/epoch; validation, samples and checkpoints not included)",
+        ]
     mem = next((v["mem_method"] for v in out["variants"].values() if v.get("mem_method")), None)
     if mem:
         lines.append(f"memory: {mem}")

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -54,16 +55,16 @@ class BenchOptions:
 
     steps: int = 10
     warmup: int = 2
-    variants: Optional[list[str]] = None  # None: the step `neuromf train` would run (see default_variants)
+    variants: list[str] | None = None  # None: the step `neuromf train` would run (see default_variants)
     data: str = "spec"  # "spec": the run-spec's data through the trainer's loader; "synthetic": N(0, 1) on the device
     channels_last: bool = False  # network and batches in torch.channels_last_3d
-    peak_tflops: Optional[float] = None  # overrides the peak table (e.g. for a CPU)
-    epoch_latents: Optional[int] = None  # for the projection; default: the train split (synthetic: 1080)
+    peak_tflops: float | None = None  # overrides the peak table (e.g. for a CPU)
+    epoch_latents: int | None = None  # for the projection; default: the train split (synthetic: 1080)
     interleave: bool = False  # time the variants one step each in turn (fair on a busy shared machine)
     profile: int = 0  # > 0: profile one more step per variant and keep its `profile` top ops by self time
     predecessor: PredecessorOptions = field(default_factory=PredecessorOptions)  # the predecessor variant's settings
-    compile_mode: Optional[str] = None  # None: training.compile_mode
-    on_variant: Optional[Callable[[str, dict[str, Any]], None]] = field(default=None, repr=False)  # progress hook
+    compile_mode: str | None = None  # None: training.compile_mode
+    on_variant: Callable[[str, dict[str, Any]], None] | None = field(default=None, repr=False)  # progress hook
 
 
 def default_variants(spec: RunSpec, compare: bool) -> list[str]:
@@ -90,15 +91,14 @@ class _SyntheticBatches:
         self._pool = []
 
 
-
 class BenchSetup:
     """What the variants share: device, data, the base network, the loss functions and FLOP counts."""
 
     def __init__(self, spec: RunSpec, options: BenchOptions) -> None:
-        from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.bench.reference import as_compute, flow_matching_loss, naive_imf_loss
-        from neuromf.model.unet import build_network, count_parameters
         from neuromf.device import autocast_dtype, pick_device
+        from neuromf.meanflow.loss import MeanFlowLoss
+        from neuromf.model.unet import build_network, count_parameters
         from neuromf.train.runtime import configure_torch
 
         self.spec, self.options = spec, options
@@ -111,7 +111,9 @@ class BenchSetup:
         if options.data == "synthetic":
             shape = (spec.model.in_channels, *spec.model.spatial_size)
             latents = options.epoch_latents or SYNTHETIC_EPOCH_LATENTS
-            self.make_batches: Callable[[], Any] = lambda: _SyntheticBatches(shape, self.batch_size, self.device, tr.seed, latents)
+            self.make_batches: Callable[[], Any] = lambda: _SyntheticBatches(
+                shape, self.batch_size, self.device, tr.seed, latents
+            )
             self.residency = "synthetic (on the device)"
         elif options.data == "spec":
             from neuromf.data.prepare import prepare_data
@@ -136,12 +138,18 @@ class BenchSetup:
         }
         # (t, r) of the predecessor variant: its own r = t fraction when one is given
         proportion = options.predecessor.data_proportion
-        self.draw_loss = {"predecessor": self.loss if proportion is None else MeanFlowLoss(
-            spec.meanflow, spec.time_sampling.model_copy(update={"data_proportion": proportion}),
-            spec.model.prediction_type)}
+        self.draw_loss = {
+            "predecessor": self.loss
+            if proportion is None
+            else MeanFlowLoss(
+                spec.meanflow,
+                spec.time_sampling.model_copy(update={"data_proportion": proportion}),
+                spec.model.prediction_type,
+            )
+        }
         self.flops: dict[str, int] = {}
 
-    def forward_flops_per_latent(self) -> Optional[int]:
+    def forward_flops_per_latent(self) -> int | None:
         """FLOPs of one forward pass per latent (no grad), counted once on one micro-batch of zeros."""
         if "forward" not in self.flops:
             shape = (self.micro, self.spec.model.in_channels, *self.spec.model.spatial_size)
@@ -156,7 +164,7 @@ class BenchSetup:
             torch.cuda.synchronize(self.device)
 
 
-def _peak(spec: RunSpec, device: torch.device, override: Optional[float]) -> tuple[Optional[float], str]:
+def _peak(spec: RunSpec, device: torch.device, override: float | None) -> tuple[float | None, str]:
     if override is not None:
         return override * 1e12, "--peak-tflops"
     return peak_flops(device, spec.training.precision)
@@ -167,8 +175,12 @@ def _projection(spec: RunSpec, variant: dict[str, Any], steps_per_epoch: int) ->
     total = spec.training.total_steps(steps_per_epoch)
     per_step = variant["step_s"]["median"] + variant["data_wait_s"]["median"]
     return {
-        "variant": variant["name"], "steps_per_epoch": steps_per_epoch, "max_epochs": spec.training.max_epochs,
-        "max_steps": spec.training.max_steps, "total_steps": total, "seconds_per_step": per_step,
+        "variant": variant["name"],
+        "steps_per_epoch": steps_per_epoch,
+        "max_epochs": spec.training.max_epochs,
+        "max_steps": spec.training.max_steps,
+        "total_steps": total,
+        "seconds_per_step": per_step,
         "run_hours": total * per_step / 3600,
         "formula": "run_hours = (max_steps or max_epochs * steps_per_epoch) * (median step + median data wait) / 3600",
     }
@@ -192,12 +204,22 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
         "device": describe_device(b.device),
         "versions": versions(),
         "settings": {
-            "batch_size": b.batch_size, "micro_batch_size": b.micro, "accumulate_grad_batches": tr.accumulate_grad_batches,
-            "latent_shape": [spec.model.in_channels, *spec.model.spatial_size], "channels": list(spec.model.channels),
-            "num_res_blocks": spec.model.num_res_blocks, "parameters": b.parameters, "precision": tr.precision,
-            "gradient_checkpointing": tr.gradient_checkpointing, "channels_last": options.channels_last,
-            "steps": options.steps, "warmup": options.warmup, "interleave": options.interleave, "data": options.data,
-            "profile": options.profile, "compile_mode": options.compile_mode or tr.compile_mode,
+            "batch_size": b.batch_size,
+            "micro_batch_size": b.micro,
+            "accumulate_grad_batches": tr.accumulate_grad_batches,
+            "latent_shape": [spec.model.in_channels, *spec.model.spatial_size],
+            "channels": list(spec.model.channels),
+            "num_res_blocks": spec.model.num_res_blocks,
+            "parameters": b.parameters,
+            "precision": tr.precision,
+            "gradient_checkpointing": tr.gradient_checkpointing,
+            "channels_last": options.channels_last,
+            "steps": options.steps,
+            "warmup": options.warmup,
+            "interleave": options.interleave,
+            "data": options.data,
+            "profile": options.profile,
+            "compile_mode": options.compile_mode or tr.compile_mode,
             "predecessor": dataclasses.asdict(options.predecessor),
             "residency": b.residency,
             "torch_threads": torch.get_num_threads(),
@@ -214,7 +236,9 @@ def bench(spec: RunSpec, options: BenchOptions) -> dict[str, Any]:
             if options.on_variant:
                 options.on_variant(res["name"], res)
         ok = {n: v for n, v in out["variants"].items() if v["error"] is None}
-        main = next((n for n in ("compiled" if tr.compile else "eager", "compiled", "eager") if n in ok), next(iter(ok), None))
+        main = next(
+            (n for n in ("compiled" if tr.compile else "eager", "compiled", "eager") if n in ok), next(iter(ok), None)
+        )
         if main is not None:
             if options.data == "synthetic":
                 spe = max(1, (options.epoch_latents or SYNTHETIC_EPOCH_LATENTS) // b.batch_size)

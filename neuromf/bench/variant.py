@@ -13,8 +13,9 @@ import copy
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from neuromf.bench.run import BenchSetup
 
 __all__ = ["COMPARE_VARIANTS", "VARIANTS", "Variant", "VariantRun", "check_variant_names", "run_variants"]
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -37,15 +39,20 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "predecessor": Variant("the predecessor's step: no-grad v_tilde, whole-batch graph-building JVP, L_MF only, eager",
-                           "predecessor"),
+    "predecessor": Variant(
+        "the predecessor's step: no-grad v_tilde, whole-batch graph-building JVP, L_MF only, eager", "predecessor"
+    ),
     "naive": Variant("naive iMF reference: whole-batch graph-building torch.func.jvp, L_FM + L_MF, eager", "naive"),
     "eager": Variant("our iMF step: no-grad JVP on the r != t rows + two gradient passes, eager", "imf"),
     "compiled": Variant("our iMF step, torch.compile", "imf", compiled=True),
     "fm": Variant("plain flow-matching step of the same network (the floor), eager", "fm"),
     "fm_compiled": Variant("plain flow-matching step, torch.compile", "fm", compiled=True),
-    "compiled_nofold": Variant("our iMF step, torch.compile without the zero-tangent fold (A/B of training.fold_zero_tangents)",
-                               "imf", compiled=True, fold=False),
+    "compiled_nofold": Variant(
+        "our iMF step, torch.compile without the zero-tangent fold (A/B of training.fold_zero_tangents)",
+        "imf",
+        compiled=True,
+        fold=False,
+    ),
 }
 COMPARE_VARIANTS = ["predecessor", "naive", "eager", "compiled", "fm", "fm_compiled"]  # --compare
 
@@ -95,8 +102,14 @@ class VariantRun:
         self.math_kind, compiled = variant.math, variant.compiled
         # Checkpointing inside a graph-building JVP (naive, predecessor) raises; it is the gradient passes' option.
         ckpt = spec.training.gradient_checkpointing and variant.math not in ("naive", "predecessor")
-        self.result: dict[str, Any] = {"name": name, "description": variant.description, "compiled": compiled,
-                                       "gradient_checkpointing": ckpt, "channels_last": opt.channels_last, "error": None}
+        self.result: dict[str, Any] = {
+            "name": name,
+            "description": variant.description,
+            "compiled": compiled,
+            "gradient_checkpointing": ckpt,
+            "channels_last": opt.channels_last,
+            "error": None,
+        }
         self.waits: list[float] = []
         self.steps: list[float] = []
         self.cpu: list[float] = []  # CPU seconds per step (CPU devices only)

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from neuromf import __version__
 from neuromf.errors import UserError
@@ -26,7 +26,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("neuromf.cli.train", "train a model from a run-spec (checkpoint/resume, samples)"),
     "sample": ("neuromf.cli.sample", "generate samples from a checkpoint"),
     "evaluate": ("neuromf.cli.evaluate", "compare generated samples with held-out latents"),
-    "verify": ("neuromf.cli.verify", "check a run: the eight verification tests P4-T1..P4-T8 of docs/design.md, as a report"),
+    "verify": (
+        "neuromf.cli.verify",
+        "check a run: the eight verification tests P4-T1..P4-T8 of docs/design.md, as a report",
+    ),
     "bench": ("neuromf.cli.bench", "time and measure training steps (speed, memory, FLOPs, MFU)"),
     "doctor": ("neuromf.cli.doctor", "check that this machine can run a run-spec (numerics, compile, memory, speed)"),
 }
@@ -62,11 +65,21 @@ class _VersionAction(argparse.Action):
     """Like argparse's "version" action, without re-wrapping the lines of the package list."""
 
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the version (in the image: with the packages it was built with) and exit")
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="print the version (in the image: with the packages it was built with) and exit",
+        )
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: Optional[str] = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         print(version_text())
         parser.exit()
 
@@ -90,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

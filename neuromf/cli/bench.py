@@ -16,39 +16,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from neuromf.cli import add_spec_arguments
 
     add_spec_arguments(parser)
-    parser.add_argument("--steps", type=int, default=10, metavar="N", help="timed optimizer steps per variant (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, metavar="W",
-                        help="untimed steps after the first (which includes compilation) (default 2)")
-    parser.add_argument("--batch", type=int, default=None, metavar="B", help="latents per optimizer step (default training.batch_size)")
-    parser.add_argument("--micro-batch", type=int, default=None, metavar="M",
-                        help="latents per micro-batch; B/M micro-batches accumulate into one step (default: B, or the spec's)")
-    parser.add_argument("--compare", action="store_true",
-                        help="run predecessor, naive, eager, compiled, fm, fm_compiled on the same inputs and print ratios")
-    parser.add_argument("--variants", default=None, metavar="V1,V2",
-                        help="comma-separated subset of predecessor,naive,eager,compiled,fm,fm_compiled,compiled_nofold (overrides --compare)")
-    parser.add_argument("--interleave", action="store_true",
-                        help="time the variants one step each in turn (fair comparisons on a busy, shared machine)")
-    parser.add_argument("--data", choices=["spec", "synthetic"], default="spec",
-                        help="spec: the run-spec's data through the trainer's loader (default); "
-                        "synthetic: random latents already on the device (no data needed)")
-    parser.add_argument("--channels-last", action="store_true", help="network and batches in channels_last_3d memory format")
-    parser.add_argument("--checkpointing", choices=["on", "off"], default=None,
-                        help="activation checkpointing of the gradient passes (default: training.gradient_checkpointing)")
-    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
-                        help="torch.compile mode of the compiled variants (default: training.compile_mode); "
-                        "reduce-overhead: CUDA graphs")
-    parser.add_argument("--predecessor-norm-eps", type=float, default=1.0, metavar="E",
-                        help="norm_eps of the predecessor variant's adaptive weight (default 1.0, its setting)")
-    parser.add_argument("--predecessor-data-proportion", default="0.5", metavar="P",
-                        help="fraction of the predecessor variant's batch with r = t (default 0.5, its setting; "
-                        "'spec': time_sampling.data_proportion, the other variants' times)")
-    parser.add_argument("--peak-tflops", type=float, default=None, metavar="T",
-                        help="the device's peak TFLOP/s for MFU (default: the built-in A100/H100/H200 table)")
-    parser.add_argument("--epoch-latents", type=int, default=None, metavar="N",
-                        help="training latents per epoch for the run-time projection (default: the train split; synthetic: 1080)")
-    parser.add_argument("--profile", type=int, nargs="?", const=8, default=0, metavar="N",
-                        help="profile one more step per variant and list its N ops with the most self time (default N 8)")
-    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write every number to this JSON file")
+    parser.add_argument(
+        "--steps", type=int, default=10, metavar="N", help="timed optimizer steps per variant (default 10)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        metavar="W",
+        help="untimed steps after the first (which includes compilation) (default 2)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, metavar="B", help="latents per optimizer step (default training.batch_size)"
+    )
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        metavar="M",
+        help="latents per micro-batch; B/M micro-batches accumulate into one step (default: B, or the spec's)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="run predecessor, naive, eager, compiled, fm, fm_compiled on the same inputs and print ratios",
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        metavar="V1,V2",
+        help="comma-separated subset of predecessor,naive,eager,compiled,fm,fm_compiled,compiled_nofold (overrides --compare)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the variants one step each in turn (fair comparisons on a busy, shared machine)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=["spec", "synthetic"],
+        default="spec",
+        help="spec: the run-spec's data through the trainer's loader (default); "
+        "synthetic: random latents already on the device (no data needed)",
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="network and batches in channels_last_3d memory format"
+    )
+    parser.add_argument(
+        "--checkpointing",
+        choices=["on", "off"],
+        default=None,
+        help="activation checkpointing of the gradient passes (default: training.gradient_checkpointing)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+        help="torch.compile mode of the compiled variants (default: training.compile_mode); "
+        "reduce-overhead: CUDA graphs",
+    )
+    parser.add_argument(
+        "--predecessor-norm-eps",
+        type=float,
+        default=1.0,
+        metavar="E",
+        help="norm_eps of the predecessor variant's adaptive weight (default 1.0, its setting)",
+    )
+    parser.add_argument(
+        "--predecessor-data-proportion",
+        default="0.5",
+        metavar="P",
+        help="fraction of the predecessor variant's batch with r = t (default 0.5, its setting; "
+        "'spec': time_sampling.data_proportion, the other variants' times)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        metavar="T",
+        help="the device's peak TFLOP/s for MFU (default: the built-in A100/H100/H200 table)",
+    )
+    parser.add_argument(
+        "--epoch-latents",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training latents per epoch for the run-time projection (default: the train split; synthetic: 1080)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        metavar="N",
+        help="profile one more step per variant and list its N ops with the most self time (default N 8)",
+    )
+    parser.add_argument(
+        "--json", dest="json_out", default=None, metavar="OUT", help="write every number to this JSON file"
+    )
 
 
 def _batch_overrides(args: argparse.Namespace) -> list[str]:
@@ -60,7 +126,11 @@ def _batch_overrides(args: argparse.Namespace) -> list[str]:
         return []
     spec = load_runspec(args.spec, args.overrides)
     batch = args.batch if args.batch is not None else spec.training.batch_size
-    micro = args.micro_batch if args.micro_batch is not None else (batch if args.batch is not None else spec.training.micro_batch_size)
+    micro = (
+        args.micro_batch
+        if args.micro_batch is not None
+        else (batch if args.batch is not None else spec.training.micro_batch_size)
+    )
     if batch < 1 or micro < 1 or batch % micro:
         raise UserError(f"--micro-batch: {micro} must be >= 1 and divide --batch {batch}")
     return [f"training.batch_size={batch}", f"training.accumulate_grad_batches={batch // micro}"]
@@ -79,7 +149,9 @@ def _predecessor_options(args: argparse.Namespace):  # type: ignore[no-untyped-d
     except ValueError:
         p = -1.0
     if not 0 <= p <= 1:
-        raise UserError(f"--predecessor-data-proportion: {args.predecessor_data_proportion!r} must be in [0, 1] or 'spec'")
+        raise UserError(
+            f"--predecessor-data-proportion: {args.predecessor_data_proportion!r} must be in [0, 1] or 'spec'"
+        )
     return PredecessorOptions(args.predecessor_norm_eps, p)
 
 
@@ -111,9 +183,18 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"benchmarking {', '.join(variants)} ({args.steps} timed steps each)", flush=True)
     options = BenchOptions(
-        steps=args.steps, warmup=args.warmup, variants=variants, data=args.data, channels_last=args.channels_last, interleave=args.interleave,
-        peak_tflops=args.peak_tflops, epoch_latents=args.epoch_latents, profile=args.profile, on_variant=progress,
-        compile_mode=args.compile_mode, predecessor=predecessor,
+        steps=args.steps,
+        warmup=args.warmup,
+        variants=variants,
+        data=args.data,
+        channels_last=args.channels_last,
+        interleave=args.interleave,
+        peak_tflops=args.peak_tflops,
+        epoch_latents=args.epoch_latents,
+        profile=args.profile,
+        on_variant=progress,
+        compile_mode=args.compile_mode,
+        predecessor=predecessor,
     )
     out = bench(spec, options)
     print()

@@ -13,11 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from neuromf.cli import add_spec_arguments
 
     add_spec_arguments(parser)
-    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                        help="write the report here (default: <paths.run_dir>/doctor.json)")
-    parser.add_argument("--only", default=None, metavar="C1,C2",
-                        help="run only these checks: device, toolchain, conv3d_bf16, forward_bf16, jvp, memory, "
-                        "compiled_step, throughput, data_residency")
+    parser.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        metavar="OUT",
+        help="write the report here (default: <paths.run_dir>/doctor.json)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="C1,C2",
+        help="run only these checks: device, toolchain, conv3d_bf16, forward_bf16, jvp, memory, "
+        "compiled_step, throughput, data_residency",
+    )
 
 
 def doctor_lines(spec, json_out, only=None) -> tuple[bool, list[str]]:  # type: ignore[no-untyped-def]

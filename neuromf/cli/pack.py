@@ -61,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
         src, out, scale, stats_file = Path(args.source), Path(args.out), MAISI_SCALE_FACTOR, None
 
     report = pack_latents(
-        src, out, dtype=args.dtype, skip_bad=args.skip_bad, scale_factor=scale, stats_file=stats_file,
+        src,
+        out,
+        dtype=args.dtype,
+        skip_bad=args.skip_bad,
+        scale_factor=scale,
+        stats_file=stats_file,
         progress=not args.no_progress,
     )
     info = report.info
@@ -76,8 +81,13 @@ def run(args: argparse.Namespace) -> int:
     print("channel std:  " + ", ".join(f"{v:.4g}" for v in info.std))
     datasets = {m.dataset for m in info.metas}
     subjects = {(m.dataset, m.subject) for m in info.metas if m.subject}
-    print(f"metadata: {len(subjects)} subjects in {len(datasets)} dataset(s)"
-          + (f"; {info.n - sum(1 for m in info.metas if m.subject)} latents without a subject id" if len(subjects) and
-             any(not m.subject for m in info.metas) else ""))
+    print(
+        f"metadata: {len(subjects)} subjects in {len(datasets)} dataset(s)"
+        + (
+            f"; {info.n - sum(1 for m in info.metas if m.subject)} latents without a subject id"
+            if len(subjects) and any(not m.subject for m in info.metas)
+            else ""
+        )
+    )
     print(f"content sha256: {info.content_sha256}")
     return 0

@@ -22,9 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: continue from the newest complete checkpoint in the run folder, or start fresh if there is none; "
         "PATH: continue from that checkpoint",
     )
-    parser.add_argument("--dry-run", action="store_true", help="validate, build the model and the data, run one step, stop")
-    parser.add_argument("--verify-data", action="store_true",
-                        help="recompute the shard's content checksum even if this run already verified this file")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate, build the model and the data, run one step, stop"
+    )
+    parser.add_argument(
+        "--verify-data",
+        action="store_true",
+        help="recompute the shard's content checksum even if this run already verified this file",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Optional
 
 from neuromf.atomic import writable_folder
 from neuromf.spec.schema import RunSpec
@@ -18,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--check-paths", action="store_true", help="also check that inputs exist and outputs are writable"
     )
     parser.add_argument(
-        "--check-device", action="store_true",
+        "--check-device",
+        action="store_true",
         help="also check that the requested device and precision are usable here, and run `neuromf doctor` "
         "(report: <paths.run_dir>/doctor.json)",
     )
@@ -46,7 +45,9 @@ def path_problems(spec: RunSpec) -> list[str]:
         elif not spec.paths.vae_weights.is_file():
             problems.append(f"paths.vae_weights: {spec.paths.vae_weights} does not exist")
     if spec.evaluation.weights is not None and not spec.evaluation.weights.is_file():
-        problems.append(f"evaluation.weights: {spec.evaluation.weights} does not exist (stage the extractor's weights file)")
+        problems.append(
+            f"evaluation.weights: {spec.evaluation.weights} does not exist (stage the extractor's weights file)"
+        )
     for field, folder in [("paths.run_dir", spec.paths.run_dir), ("paths.cache_dir", spec.paths.cache_dir)]:
         if folder is not None and not writable_folder(folder):
             problems.append(f"{field}: {folder} is not writable")
@@ -118,7 +119,7 @@ def device_problems(spec: RunSpec) -> list[str]:
     return problems
 
 
-def count_latents(spec: RunSpec) -> Optional[int]:
+def count_latents(spec: RunSpec) -> int | None:
     """How many latents the run will see, when that can be known without reading them all."""
     data = spec.data
     if data.source == "demo":
@@ -159,7 +160,9 @@ def summary_lines(spec: RunSpec, split=None) -> list[str]:  # split: Optional[Sp
     t = spec.training
     lines = [f"run-spec OK: {spec.name}"]
     try:
-        lines.append(f"  model:          {count_parameters(spec) / 1e6:.2f} M parameters, prediction {spec.model.prediction_type}")
+        lines.append(
+            f"  model:          {count_parameters(spec) / 1e6:.2f} M parameters, prediction {spec.model.prediction_type}"
+        )
     except ImportError:
         pass
     gpus = spec.hardware.nodes * spec.hardware.gpus_per_node
@@ -172,18 +175,24 @@ def summary_lines(spec: RunSpec, split=None) -> list[str]:  # split: Optional[Sp
     n = count_latents(spec)
     if split is not None:
         n_train = len(split.train)
-        lines.append(f"  data:           {len(split.subject_of)} latents, {len(set(split.subject_of.values()))} subjects, "
-                     f"split by subject (data.split_seed {spec.data.split_seed}):")
+        lines.append(
+            f"  data:           {len(split.subject_of)} latents, {len(set(split.subject_of.values()))} subjects, "
+            f"split by subject (data.split_seed {spec.data.split_seed}):"
+        )
         lines.extend(f"    {line}" for line in split.summary_lines())
     elif n is not None:
         n_train, n_val, n_test = estimate_sizes(n, spec.data.val_fraction, spec.data.test_fraction)
-        lines.append(f"  data:           {n} latents -> about {n_train} train / {n_val} val / {n_test} test "
-                     "(split by subject; --check-paths shows the split)")
+        lines.append(
+            f"  data:           {n} latents -> about {n_train} train / {n_val} val / {n_test} test "
+            "(split by subject; --check-paths shows the split)"
+        )
     if split is not None or n is not None:
         steps = n_train // t.batch_size
         total = t.max_steps or steps * t.max_epochs
         lines.append(f"  schedule:       {steps} steps per epoch, {total} optimizer steps in all")
-    lines.append(f"  precision:      {t.precision}, compile {'on' if t.compile else 'off'}, device {spec.hardware.device}")
+    lines.append(
+        f"  precision:      {t.precision}, compile {'on' if t.compile else 'off'}, device {spec.hardware.device}"
+    )
     lines.append(f"  run folder:     {spec.paths.run_dir}")
     lines.append(f"  checkpoints:    {spec.paths.run_dir / 'checkpoints'}")
     lines.append(f"  samples:        {spec.paths.run_dir / 'samples'}")
@@ -198,7 +207,9 @@ def data_problems(spec: RunSpec, split=None) -> list[str]:  # split: Optional[Sp
     if n is None:
         return []
     t = spec.training
-    n_train = len(split.train) if split is not None else estimate_sizes(n, spec.data.val_fraction, spec.data.test_fraction)[0]
+    n_train = (
+        len(split.train) if split is not None else estimate_sizes(n, spec.data.val_fraction, spec.data.test_fraction)[0]
+    )
     if n_train < t.batch_size:
         return [f"training.batch_size: {t.batch_size} is larger than the training split ({n_train} of {n} latents)"]
     total = t.max_steps or (n_train // t.batch_size) * t.max_epochs

@@ -16,12 +16,21 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (paths.run_dir of the run-spec)")
-    parser.add_argument("--n", type=int, default=None,
-                        help="samples for the sample-based tests P4-T6 (EMA beats online) and P4-T7 (statistics) (default: evaluation.n, else the whole held-out split, at most 500)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="samples for the sample-based tests P4-T6 (EMA beats online) and P4-T7 (statistics) (default: evaluation.n, else the whole held-out split, at most 500)",
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--no-evaluate", action="store_true",
-                       help="never generate samples: reuse a matching evaluation/evaluation.json, else the sample-based tests P4-T6/P4-T7 say NEEDS-LOOK")
-    group.add_argument("--re-evaluate", action="store_true", help="evaluate again even if evaluation/evaluation.json matches")
+    group.add_argument(
+        "--no-evaluate",
+        action="store_true",
+        help="never generate samples: reuse a matching evaluation/evaluation.json, else the sample-based tests P4-T6/P4-T7 say NEEDS-LOOK",
+    )
+    group.add_argument(
+        "--re-evaluate", action="store_true", help="evaluate again even if evaluation/evaluation.json matches"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -44,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_evaluate:
             check_output(run_dir / "evaluation", "RUN_DIR", folder=True)
     mode = "skip" if args.no_evaluate else "force" if args.re_evaluate else "auto"
-    report = verify_run(Path(args.run_dir), n=args.n, evaluation=mode, device=args.device, progress=not args.no_progress)
+    report = verify_run(
+        Path(args.run_dir), n=args.n, evaluation=mode, device=args.device, progress=not args.no_progress
+    )
     width = max(len(t["status"]) for t in report["tests"])
     for t in report["tests"]:
         print(f"{t['id']}  {t['status']:<{width}}  {t['evidence']}")

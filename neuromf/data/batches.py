@@ -13,8 +13,9 @@ import hashlib
 import math
 import queue
 import threading
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from neuromf.data.shard import ShardInfo, ShardReader
 from neuromf.data.stats import LatentStats
 from neuromf.errors import UserError
 from neuromf.seeding import derived_seed
-
 
 # ---------------------------------------------------------------- rows of a split
 
@@ -106,11 +106,16 @@ def check_values(x: torch.Tensor, names: Sequence[str], mean: torch.Tensor, std:
             bad = ~torch.isfinite(ch) | (ch < float(limit_lo[c])) | (ch > float(limit_hi[c]))
             if bool(bad.any()):
                 value = float(ch[bad][0])
-                what = "a non-finite value" if not math.isfinite(value) else \
-                    f"value {value:.4g}, {abs(value - float(m[c])) / float(s[c]):.3g} stds from the channel mean"
-                raise UserError(f"latent {names[b]}{where}: {what} in channel {c} ({int(bad.sum())} such values; "
-                                f"channel mean {float(m[c]):.4g}, std {float(s[c]):.4g}): the data are damaged; "
-                                "check them (neuromf train --verify-data) or pack again")
+                what = (
+                    "a non-finite value"
+                    if not math.isfinite(value)
+                    else f"value {value:.4g}, {abs(value - float(m[c])) / float(s[c]):.3g} stds from the channel mean"
+                )
+                raise UserError(
+                    f"latent {names[b]}{where}: {what} in channel {c} ({int(bad.sum())} such values; "
+                    f"channel mean {float(m[c]):.4g}, std {float(s[c]):.4g}): the data are damaged; "
+                    "check them (neuromf train --verify-data) or pack again"
+                )
 
 
 def load_whole(rows: Rows, n: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -168,14 +173,16 @@ class TrainBatches:
             raise ValueError(f"bad batch_size {batch_size} / rank {rank} / world_size {world_size}")
         self.steps_per_epoch = n // (batch_size * world_size)
         if self.steps_per_epoch < 1:
-            raise UserError(f"training.batch_size: the training split has {n} latents, fewer than one batch of "
-                            f"{batch_size} x {world_size} GPU(s)")
+            raise UserError(
+                f"training.batch_size: the training split has {n} latents, fewer than one batch of "
+                f"{batch_size} x {world_size} GPU(s)"
+            )
         self.batch_size, self.n, self.rank, self.world_size = batch_size, n, rank, world_size
         self.seed, self.flip_lr, self.flip_axis = seed, flip_lr, flip_axis
         self.epoch, self.position = 0, 0
         self._rows, self._stats, self._device = rows, stats.to(device), torch.device(device)
         self.names_digest, self._prefetch_depth = names_digest, prefetch
-        self._prefetcher: Optional[_Prefetcher] = None
+        self._prefetcher: _Prefetcher | None = None
 
     def _indices(self, epoch: int, position: int) -> torch.Tensor:
         g = self.batch_size * self.world_size
@@ -215,9 +222,16 @@ class TrainBatches:
     def state_dict(self) -> dict:
         """Small, plain state: restoring it makes the next batches exactly those that would have come."""
         return {
-            "version": 1, "seed": self.seed, "epoch": self.epoch, "position": self.position, "n": self.n,
-            "batch_size": self.batch_size, "world_size": self.world_size, "names": self.names_digest,
-            "flip_lr": self.flip_lr, "flip_axis": self.flip_axis,
+            "version": 1,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "names": self.names_digest,
+            "flip_lr": self.flip_lr,
+            "flip_axis": self.flip_axis,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -228,7 +242,9 @@ class TrainBatches:
         """
         for key in ("n", "names"):
             if state.get(key) != self.state_dict()[key]:
-                raise UserError(f"cannot resume the data order: {key} was {state.get(key)!r}, now {self.state_dict()[key]!r}")
+                raise UserError(
+                    f"cannot resume the data order: {key} was {state.get(key)!r}, now {self.state_dict()[key]!r}"
+                )
         saved = int(state.get("batch_size", 0)) * int(state.get("world_size", 1))
         if saved != self.batch_size * self.world_size:
             raise UserError(
@@ -289,10 +305,23 @@ class _Prefetcher:
 class ValBatches:
     """The validation split in a fixed order (sorted names), no shuffle, last batch partial; normalised."""
 
-    def __init__(self, rows: Rows, n: int, batch_size: int, stats: LatentStats, device: torch.device,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        rows: Rows,
+        n: int,
+        batch_size: int,
+        stats: LatentStats,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self._idx = torch.arange(n)[rank::world_size]
-        self.batch_size, self._rows, self._stats, self._device = batch_size, rows, stats.to(device), torch.device(device)
+        self.batch_size, self._rows, self._stats, self._device = (
+            batch_size,
+            rows,
+            stats.to(device),
+            torch.device(device),
+        )
 
     @property
     def n_samples(self) -> int:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -174,7 +174,7 @@ def make_demo_volume(size: int, seed: int, index: int) -> torch.Tensor:
     return _jitter(rng, warped).contiguous()
 
 
-def read_demo_info(folder: Path) -> Optional[dict[str, Any]]:
+def read_demo_info(folder: Path) -> dict[str, Any] | None:
     """The demo set's latent_stats.json as a dict if `folder` holds a demo set, else None."""
     try:
         info = json.loads((Path(folder) / STATS_NAME).read_text())
@@ -247,7 +247,7 @@ def build_demo_dataset(out_dir: Path, n_volumes: int, size: int, seed: int) -> P
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a data folder should read like any other
 
         # Swap into place: an old demo set is moved aside first (rename cannot replace a non-empty folder).
-        old: Optional[Path] = None
+        old: Path | None = None
         if out_dir.is_dir() and any(out_dir.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "set")
@@ -261,12 +261,12 @@ def build_demo_dataset(out_dir: Path, n_volumes: int, size: int, seed: int) -> P
     return out_dir
 
 
-def demo_dir(spec: "RunSpec") -> Path:
+def demo_dir(spec: RunSpec) -> Path:
     """Where a run keeps its demo set: <paths.run_dir>/data/demo."""
     return Path(spec.paths.run_dir) / "data" / "demo"
 
 
-def demo_params(spec: "RunSpec") -> tuple[int, int, int]:
+def demo_params(spec: RunSpec) -> tuple[int, int, int]:
     """(n_volumes, size, seed) of the run's demo set; size defaults to the model's (cubic) spatial size."""
     demo = spec.data.demo
     size = demo.size if demo.size is not None else int(spec.model.spatial_size[0])
@@ -284,7 +284,7 @@ def demo_is_current(folder: Path, n_volumes: int, size: int, seed: int) -> bool:
     return all((Path(folder) / (volume_name(i) + ".pt")).is_file() for i in range(n_volumes))
 
 
-def ensure_demo_dataset(spec: "RunSpec") -> Path:
+def ensure_demo_dataset(spec: RunSpec) -> Path:
     """For `data.source: demo`: build <run_dir>/data/demo if absent or built with other parameters; return it."""
     folder = demo_dir(spec)
     n_volumes, size, seed = demo_params(spec)

@@ -17,10 +17,11 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,14 +83,18 @@ def check_latent(obj: Any, path: Path) -> torch.Tensor:
             raise LatentFileError(path, f"a dict without any of the keys 'z', 'latent', 'latents' (keys: {keys})")
         obj = obj[key]
     if not isinstance(obj, torch.Tensor):
-        raise LatentFileError(path, f"holds a {type(obj).__name__}, not a tensor or a dict with 'z', 'latent' or 'latents'")
+        raise LatentFileError(
+            path, f"holds a {type(obj).__name__}, not a tensor or a dict with 'z', 'latent' or 'latents'"
+        )
     if obj.dtype not in FLOAT_DTYPES:
         raise LatentFileError(path, f"dtype {str(obj.dtype).replace('torch.', '')} is not floating point")
     shape = tuple(obj.shape)
     if obj.dim() == 5 and shape[0] == 1:
         obj = obj[0]
     elif obj.dim() != 4:
-        raise LatentFileError(path, f"shape {list(shape)} has rank {obj.dim()}; expected (C, D, H, W) or (1, C, D, H, W)")
+        raise LatentFileError(
+            path, f"shape {list(shape)} has rank {obj.dim()}; expected (C, D, H, W) or (1, C, D, H, W)"
+        )
     if obj.numel() == 0:
         raise LatentFileError(path, f"shape {list(shape)} is empty")
     lo, hi = torch.aminmax(obj)  # NaN and Inf show in the extremes; ~100x faster than isfinite().all() on CPU
@@ -116,7 +121,9 @@ def load_latent_and_meta(data: bytes, path: Path) -> tuple[torch.Tensor, Any]:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a broken file
         if "Weights only load failed" in str(e):
-            raise LatentFileError(path, f"not a plain tensor file: safe loading (weights_only) refused it ({_refusal(e)})") from None
+            raise LatentFileError(
+                path, f"not a plain tensor file: safe loading (weights_only) refused it ({_refusal(e)})"
+            ) from None
         raise LatentFileError(path, f"unreadable or truncated ({_short(e)})") from None
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     return check_latent(obj, path), meta
@@ -157,7 +164,7 @@ class ChannelStats:
     max: np.ndarray
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "ChannelStats":
+    def of(cls, x: torch.Tensor) -> ChannelStats:
         """Statistics of one (C, ...) tensor, in float64."""
         flat = x.detach().to(torch.float64).reshape(x.shape[0], -1)
         var, mean = torch.var_mean(flat, dim=1, correction=0)  # one fused pass (Welford), not four
@@ -165,7 +172,7 @@ class ChannelStats:
         n = flat.shape[1]
         return cls(n, mean.numpy(), (var * n).numpy(), lo.numpy(), hi.numpy())
 
-    def merge(self, other: "ChannelStats") -> "ChannelStats":
+    def merge(self, other: ChannelStats) -> ChannelStats:
         """Statistics of both sets together (Chan et al.), exact up to float64 rounding."""
         n = self.count + other.count
         delta = other.mean - self.mean
@@ -201,7 +208,9 @@ def read_stats_json(path: Path) -> tuple[np.ndarray, np.ndarray]:
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: per_channel.channel_{c} needs numeric 'mean' and 'std'") from None
         if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-            raise UserError(f"{path}: per_channel.channel_{c} has mean {mean} and std {std}; std must be finite and > 0")
+            raise UserError(
+                f"{path}: per_channel.channel_{c} has mean {mean} and std {std}; std must be finite and > 0"
+            )
         means.append(mean)
         stds.append(std)
     return np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)

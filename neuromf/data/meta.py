@@ -10,13 +10,16 @@ repeat across datasets.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from neuromf.errors import UserError
 
 # FOMO-60K names: {dataset}_{subject}_{session}, e.g. PT005_IXI_sub_002_ses_1 -> dataset PT005_IXI, subject sub_002.
-DEFAULT_SUBJECT_PATTERN = r"^(?P<dataset>.+?)_(?P<subject>sub[-_]?[A-Za-z0-9]+)(?:_(?P<session>ses[-_]?[A-Za-z0-9]+))?(?:_.*)?$"
+DEFAULT_SUBJECT_PATTERN = (
+    r"^(?P<dataset>.+?)_(?P<subject>sub[-_]?[A-Za-z0-9]+)(?:_(?P<session>ses[-_]?[A-Za-z0-9]+))?(?:_.*)?$"
+)
 META_FIELDS = ("subject", "session", "dataset", "source_path")
 
 
@@ -48,8 +51,13 @@ def meta_from_dict(name: str, raw: Any) -> LatentMeta:
                 return str(value)
         return ""
 
-    return LatentMeta(name, text("subject_id", "subject"), text("session_id", "session"),
-                      text("dataset", "dataset_name"), text("source_path"))
+    return LatentMeta(
+        name,
+        text("subject_id", "subject"),
+        text("session_id", "session"),
+        text("dataset", "dataset_name"),
+        text("source_path"),
+    )
 
 
 def compile_subject_pattern(pattern: str, where: str = "data.subject_from") -> re.Pattern[str]:
@@ -105,4 +113,6 @@ def parsed_meta(name: str, source_path: str = "") -> LatentMeta:
     hit = re.match(DEFAULT_SUBJECT_PATTERN, name)
     if not hit:
         return LatentMeta(name, source_path=source_path)
-    return LatentMeta(name, hit.group("subject") or "", hit.group("session") or "", hit.group("dataset") or "", source_path)
+    return LatentMeta(
+        name, hit.group("subject") or "", hit.group("session") or "", hit.group("dataset") or "", source_path
+    )

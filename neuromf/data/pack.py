@@ -18,9 +18,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import h5py
 import numpy as np
@@ -28,11 +28,28 @@ from tqdm import tqdm
 
 from neuromf import __version__
 from neuromf.atomic import fsync_dir
-from neuromf.data.latents import LatentFileError, check_stats_file, latent_name, load_latent_bytes, one_thread, stats_file_beside, warn
+from neuromf.data.latents import (
+    LatentFileError,
+    check_stats_file,
+    latent_name,
+    load_latent_bytes,
+    one_thread,
+    stats_file_beside,
+    warn,
+)
 from neuromf.data.meta import META_FIELDS, LatentMeta, parsed_meta
 from neuromf.data.scan import FolderScan, read_item, scan_latents
-from neuromf.data.shard import FLOAT16_MAX, FORMAT_VERSION, SHARD_FORMAT, STORAGE, ShardInfo, _content_hash, open_h5, \
-    read_shard_info, to_storage
+from neuromf.data.shard import (
+    FLOAT16_MAX,
+    FORMAT_VERSION,
+    SHARD_FORMAT,
+    STORAGE,
+    ShardInfo,
+    _content_hash,
+    open_h5,
+    read_shard_info,
+    to_storage,
+)
 from neuromf.errors import UserError
 from neuromf.spec.schema import MAISI_SCALE_FACTOR
 
@@ -77,7 +94,9 @@ def _stored_meta(meta: LatentMeta) -> LatentMeta:
     if meta.subject:
         return meta
     parsed = parsed_meta(meta.name, meta.source_path)
-    return LatentMeta(meta.name, parsed.subject, meta.session or parsed.session, meta.dataset or parsed.dataset, meta.source_path)
+    return LatentMeta(
+        meta.name, parsed.subject, meta.session or parsed.session, meta.dataset or parsed.dataset, meta.source_path
+    )
 
 
 def _create(f: h5py.File, scan: FolderScan, dtype: str, attrs: dict) -> None:
@@ -88,33 +107,52 @@ def _create(f: h5py.File, scan: FolderScan, dtype: str, attrs: dict) -> None:
     assert shape is not None
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    ds = f.create_dataset("latents", shape=(n, *shape), dtype=STORAGE[dtype][0], chunks=(1, *shape), track_times=False,
-                          dcpl=dcpl, fill_time="never")
+    ds = f.create_dataset(
+        "latents",
+        shape=(n, *shape),
+        dtype=STORAGE[dtype][0],
+        chunks=(1, *shape),
+        track_times=False,
+        dcpl=dcpl,
+        fill_time="never",
+    )
     ds.attrs["dtype"] = dtype
     text = h5py.string_dtype("utf-8")
     f.create_dataset("names", data=np.array(scan.names, dtype=object), dtype=text, track_times=False)
     metas = [_stored_meta(m) for m in scan.metas]
     for key in META_FIELDS:
-        f.create_dataset(key, data=np.array([getattr(m, key) for m in metas], dtype=object), dtype=text, track_times=False)
+        f.create_dataset(
+            key, data=np.array([getattr(m, key) for m in metas], dtype=object), dtype=text, track_times=False
+        )
     for key, value in attrs.items():
         f.attrs[key] = value
     f.attrs["content_sha256"] = "0" * 64
     f.attrs["complete"] = False
 
 
-def _fill(f: h5py.File, scan: FolderScan, dtype: str, content: "hashlib._Hash", progress: bool, label: str) -> None:
+def _fill(f: h5py.File, scan: FolderScan, dtype: str, content: hashlib._Hash, progress: bool, label: str) -> None:
     """Write the latents' values (re-read from the sources, checked against the scan's hashes)."""
     ds = f["latents"]
     names = scan.names
     handles: dict[Path, h5py.File] = {}
     try:
-        for i, item in enumerate(tqdm(scan.good, desc=f"packing {label}", unit="latent", disable=not progress,
-                                      file=sys.stderr, mininterval=0.5)):
+        for i, item in enumerate(
+            tqdm(
+                scan.good,
+                desc=f"packing {label}",
+                unit="latent",
+                disable=not progress,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
+        ):
             if item.slot is None:
                 try:
                     data = item.path.read_bytes()
                 except OSError as e:
-                    raise LatentFileError(item.path, f"vanished or unreadable while packing ({e.strerror}); pack again") from None
+                    raise LatentFileError(
+                        item.path, f"vanished or unreadable while packing ({e.strerror}); pack again"
+                    ) from None
                 if hashlib.sha256(data).hexdigest() != scan.file_hashes[item.path.name]:
                     raise LatentFileError(item.path, "changed while packing; pack again")
                 x = load_latent_bytes(data, item.path)
@@ -134,7 +172,7 @@ def _fill(f: h5py.File, scan: FolderScan, dtype: str, content: "hashlib._Hash", 
 RESERVE_MARGIN = 1 << 20  # bytes reserved beyond the allocated file for the metadata written at the end
 
 
-def _free_bytes(folder: Path) -> Optional[int]:
+def _free_bytes(folder: Path) -> int | None:
     try:
         st = os.statvfs(folder)
     except OSError:
@@ -155,7 +193,7 @@ def _reserve(tmp: Path, out: Path) -> None:
         os.close(fd)
 
 
-def _discard(f: Optional[h5py.File], tmp: Path) -> None:
+def _discard(f: h5py.File | None, tmp: Path) -> None:
     """Close a failed temporary shard (errors of the close itself are expected: the disk may be full) and remove it."""
     if f is not None:
         try:
@@ -181,7 +219,7 @@ def pack_latents(
     dtype: str = "float32",
     skip_bad: bool = False,
     scale_factor: float = MAISI_SCALE_FACTOR,
-    stats_file: Optional[Path] = None,
+    stats_file: Path | None = None,
     check_stats: bool = True,
     progress: bool = True,
 ) -> PackReport:
@@ -205,8 +243,10 @@ def pack_latents(
     assert scan.stats is not None and scan.shape is not None
     stats = scan.stats
     if dtype == "float16" and max(abs(stats.min.min()), abs(stats.max.max())) > FLOAT16_MAX:
-        raise UserError(f"{src_dir}: values up to {max(abs(stats.min.min()), abs(stats.max.max())):.6g} overflow float16 "
-                        "(max 65504); use --dtype bfloat16 or float32")
+        raise UserError(
+            f"{src_dir}: values up to {max(abs(stats.min.min()), abs(stats.max.max())):.6g} overflow float16 "
+            "(max 65504); use --dtype bfloat16 or float32"
+        )
     if dtype == "float32" and scan.dtypes.get("float64"):
         warn(f"{scan.dtypes['float64']} latents in {src_dir} are float64; they are stored as float32")
     stats_warnings = check_stats_file(stats_file or stats_file_beside(src_dir), stats) if check_stats else []
@@ -223,18 +263,30 @@ def pack_latents(
     need = n * sample_bytes + sum(len(m.name) + len(m.source_path) + 64 for m in scan.metas) + RESERVE_MARGIN
     free = _free_bytes(out.parent)
     if free is not None and free < need:
-        raise UserError(f"{out}: cannot write the shard: no space left on that disk (needs {need / 2**20:.1f} MiB, "
-                        f"{free / 2**20:.1f} MiB free)")
+        raise UserError(
+            f"{out}: cannot write the shard: no space left on that disk (needs {need / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free)"
+        )
     attrs = {
-        "format": SHARD_FORMAT, "format_version": FORMAT_VERSION, "n": n, "shape": np.asarray(shape, np.int64),
-        "dtype": dtype, "channel_mean": stats.mean, "channel_std": stats.std, "channel_min": stats.min,
+        "format": SHARD_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "n": n,
+        "shape": np.asarray(shape, np.int64),
+        "dtype": dtype,
+        "channel_mean": stats.mean,
+        "channel_std": stats.std,
+        "channel_min": stats.min,
         "channel_max": stats.max,
         "stats_note": "float64 over all packed latents' source values (before any dtype cast); population std",
-        "scale_factor": float(scale_factor), "source_count": scan.n_latents, "source_dir": str(src_dir.resolve()),
+        "scale_factor": float(scale_factor),
+        "source_count": scan.n_latents,
+        "source_dir": str(src_dir.resolve()),
         "skipped": json.dumps([[latent_name(p), reason] for p, reason in scan.bad]),
-        "source_sha256": scan.source_sha256, "source_fingerprint": scan.fingerprint, "created_by": f"neuromf {__version__}",
+        "source_sha256": scan.source_sha256,
+        "source_fingerprint": scan.fingerprint,
+        "created_by": f"neuromf {__version__}",
     }
-    f: Optional[h5py.File] = None
+    f: h5py.File | None = None
     try:
         with one_thread():
             f = open_h5(tmp, "w")

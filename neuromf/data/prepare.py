@@ -21,12 +21,20 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
-from neuromf.data.batches import GuardedRows, MemoryRows, Rows, ShardRows, TrainBatches, ValBatches, load_whole, names_digest
+from neuromf.data.batches import (
+    GuardedRows,
+    MemoryRows,
+    Rows,
+    ShardRows,
+    TrainBatches,
+    ValBatches,
+    load_whole,
+    names_digest,
+)
 from neuromf.data.latents import stats_file_beside, warn
 from neuromf.data.pack import pack_latents
 from neuromf.data.scan import read_item, scan_latents
@@ -37,8 +45,17 @@ from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 
 __all__ = [
-    "LatentData", "LatentStats", "TrainBatches", "ValBatches", "available_host_memory", "choose_residency",
-    "default_shard_path", "ensure_shard", "latent_source_dir", "prepare_data", "check_run_data",
+    "LatentData",
+    "LatentStats",
+    "TrainBatches",
+    "ValBatches",
+    "available_host_memory",
+    "choose_residency",
+    "default_shard_path",
+    "ensure_shard",
+    "latent_source_dir",
+    "prepare_data",
+    "check_run_data",
 ]
 
 DEVICE_FRACTION = 0.25  # data may take this share of free GPU memory; the rest is for model, optimizer, activations
@@ -73,8 +90,10 @@ def ensure_shard(spec: RunSpec, progress: bool = True) -> Path:
         return shard
     src = latent_source_dir(spec)
     if shard.is_file() and _foreign_hdf5(shard):
-        raise UserError(f"data.shard: {shard} exists and is not a NeuroMF shard (an upstream encoder shard?); "
-                        "refusing to overwrite it: point data.shard at a new file and data.latent_dir at the sources")
+        raise UserError(
+            f"data.shard: {shard} exists and is not a NeuroMF shard (an upstream encoder shard?); "
+            "refusing to overwrite it: point data.shard at a new file and data.latent_dir at the sources"
+        )
     if not src.is_dir() and shard.exists():
         warn(f"{src} is not there; using {shard} without checking that it is up to date")
         return shard
@@ -133,8 +152,10 @@ def choose_residency(requested: str, nbytes: int, device: torch.device) -> str:
     if requested != "auto":
         room = {"device": free, "host": host}.get(requested)
         if room is not None and nbytes > room:
-            warn(f"data.residency {requested}: the data need {nbytes / 2**30:.1f} GiB but only {room / 2**30:.1f} GiB "
-                 "are free there; consider 'auto' or 'stream'")
+            warn(
+                f"data.residency {requested}: the data need {nbytes / 2**30:.1f} GiB but only {room / 2**30:.1f} GiB "
+                "are free there; consider 'auto' or 'stream'"
+            )
         return requested
     if device.type == "cuda" and nbytes <= DEVICE_FRACTION * free:
         return "device"
@@ -154,22 +175,31 @@ class LatentData:
     shape: tuple[int, int, int, int]  # (C, D, H, W)
     residency: str  # resolved: "device", "host" or "stream"
     device: torch.device
-    shard: Optional[Path]  # None for source 'folder'
+    shard: Path | None  # None for source 'folder'
     seed: int
     flip_axis: int  # data.flip_axis: the run-spec holds the one default
     flip_lr: bool = False
     test_names: list[str] = field(default_factory=list)
-    split: Optional[Split] = None
+    split: Split | None = None
     _train: Rows = field(default=None, repr=False)  # type: ignore[assignment]
     _val: Rows = field(default=None, repr=False)  # type: ignore[assignment]
-    _test: Optional[Rows] = field(default=None, repr=False)  # streamed: read only when asked
+    _test: Rows | None = field(default=None, repr=False)  # streamed: read only when asked
 
     def train_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> TrainBatches:
         """Shuffled, drop_last batches of `batch_size` per rank (see TrainBatches)."""
         return TrainBatches(
-            self._train, len(self.train_names), batch_size, self.stats, self.device, seed=self.seed,
-            flip_lr=self.flip_lr, flip_axis=self.flip_axis, rank=rank, world_size=world_size,
-            names_digest=names_digest(self.train_names), prefetch=2 if self.residency == "stream" else 0,
+            self._train,
+            len(self.train_names),
+            batch_size,
+            self.stats,
+            self.device,
+            seed=self.seed,
+            flip_lr=self.flip_lr,
+            flip_axis=self.flip_axis,
+            rank=rank,
+            world_size=world_size,
+            names_digest=names_digest(self.train_names),
+            prefetch=2 if self.residency == "stream" else 0,
         )
 
     def val_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> ValBatches:
@@ -188,7 +218,7 @@ class LatentData:
                 rows.close()
 
 
-def _stats_file_of(spec: RunSpec) -> Optional[Path]:
+def _stats_file_of(spec: RunSpec) -> Path | None:
     d = spec.data
     if d.stats_file is not None:
         return d.stats_file
@@ -212,8 +242,9 @@ def _stats_for(spec: RunSpec, computed: tuple[np.ndarray, np.ndarray], channels:
     return stats
 
 
-def check_stats_file(spec: RunSpec, mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                     n_latents: int, say: bool = True) -> list[str]:
+def check_stats_file(
+    spec: RunSpec, mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_latents: int, say: bool = True
+) -> list[str]:
     """Compare latent_stats.json with the data's statistics: warn (once per line) beyond 2 % of the channel std;
     with data.stats 'file', refuse (UserError) beyond 10 % unless data.stats_mismatch is 'warn'."""
     path = _stats_file_of(spec)
@@ -230,15 +261,22 @@ def check_stats_file(spec: RunSpec, mean: np.ndarray, std: np.ndarray, lo: np.nd
             warn(f"{path} disagrees with the data: {line}")
     d = spec.data
     if refusals and d.stats == "file" and d.normalise and d.stats_mismatch == "refuse":
-        raise UserError(f"{path}: {refusals[0]}; beyond {100 * REFUSE_RTOL:.0f} % training would normalise with wrong "
-                        "statistics (data.stats: file): fix or remove the file, use data.stats: shard, or set "
-                        "data.stats_mismatch: warn")
+        raise UserError(
+            f"{path}: {refusals[0]}; beyond {100 * REFUSE_RTOL:.0f} % training would normalise with wrong "
+            "statistics (data.stats: file): fix or remove the file, use data.stats: shard, or set "
+            "data.stats_mismatch: warn"
+        )
     return warnings
 
 
 def prepare_data(
-    spec: RunSpec, device: torch.device | str, *, pack: bool = True, progress: bool = True, residency: Optional[str] = None,
-    verify: Optional[str] = None,
+    spec: RunSpec,
+    device: torch.device | str,
+    *,
+    pack: bool = True,
+    progress: bool = True,
+    residency: str | None = None,
+    verify: str | None = None,
 ) -> LatentData:
     """Find, split, normalise and place the latents of a run-spec (see the module docstring).
 
@@ -249,7 +287,7 @@ def prepare_data(
     it, once per shard file (recorded in the run folder) or every time.
     """
     d, device = spec.data, torch.device(device)
-    shard: Optional[Path] = None
+    shard: Path | None = None
     if d.source in ("shard", "demo"):
         shard = ensure_shard(spec, progress) if pack else default_shard_path(spec)
         if verify is not None:
@@ -257,11 +295,19 @@ def prepare_data(
 
             verify_shard_once(spec.paths.run_dir, shard, force=verify == "always", progress=progress)
         info = read_shard_info(shard)
-        names, metas, shape, dtype, sample_bytes = info.names, info.metas, info.shape, info.torch_dtype, info.sample_bytes
+        names, metas, shape, dtype, sample_bytes = (
+            info.names,
+            info.metas,
+            info.shape,
+            info.torch_dtype,
+            info.sample_bytes,
+        )
         computed, lo, hi = (info.mean, info.std), info.min, info.max
         if info.metadata_from == "names" and pack:
-            warn(f"{shard}: packed by an older neuromf, without per-latent metadata: subjects are parsed from the "
-                 "names (pack again to keep the sources' subject ids)")
+            warn(
+                f"{shard}: packed by an older neuromf, without per-latent metadata: subjects are parsed from the "
+                "names (pack again to keep the sources' subject ids)"
+            )
     else:
         scan = scan_latents(d.latent_dir, progress=progress)
         if scan.bad:
@@ -273,14 +319,18 @@ def prepare_data(
         items = {item.name: item for item in scan.good}
     m = spec.model
     if shape[0] != m.in_channels or tuple(shape[1:]) != tuple(m.spatial_size):
-        raise UserError(f"model.spatial_size: the latents are (C, D, H, W) = {list(shape)}, but the model takes "
-                        f"{m.in_channels} channels of {list(m.spatial_size)}")
+        raise UserError(
+            f"model.spatial_size: the latents are (C, D, H, W) = {list(shape)}, but the model takes "
+            f"{m.in_channels} channels of {list(m.spatial_size)}"
+        )
     check_stats_file(spec, computed[0], computed[1], lo, hi, len(names), say=pack)
     stats = _stats_for(spec, computed, shape[0])
     split = split_subjects(metas, d.val_fraction, d.test_fraction, d.split_seed, d.subject_from)
     if split.unmatched and pack and d.source != "demo":
-        warn(f"{split.unmatched} of {len(names)} latent names match no subject pattern (data.subject_from); "
-             "each of them is its own subject in the split")
+        warn(
+            f"{split.unmatched} of {len(names)} latent names match no subject pattern (data.subject_from); "
+            "each of them is its own subject in the split"
+        )
     train_names, val_names = split.train, split.val
     residency = choose_residency(residency or d.residency, (len(train_names) + len(val_names)) * sample_bytes, device)
 
@@ -301,9 +351,20 @@ def prepare_data(
         return MemoryRows(whole)
 
     return LatentData(
-        train_names=train_names, val_names=val_names, stats=stats.to(device), shape=tuple(shape),  # type: ignore[arg-type]
-        residency=residency, device=device, shard=shard, seed=spec.training.seed, flip_lr=d.flip_lr,
-        flip_axis=d.flip_axis, test_names=split.test, split=split, _train=rows_of(train_names), _val=rows_of(val_names),
+        train_names=train_names,
+        val_names=val_names,
+        stats=stats.to(device),
+        shape=tuple(shape),  # type: ignore[arg-type]
+        residency=residency,
+        device=device,
+        shard=shard,
+        seed=spec.training.seed,
+        flip_lr=d.flip_lr,
+        flip_axis=d.flip_axis,
+        test_names=split.test,
+        split=split,
+        _train=rows_of(train_names),
+        _val=rows_of(val_names),
         _test=lazy_rows(split.test),
     )
 
@@ -324,7 +385,7 @@ class FolderRows:
         self._handles.clear()
 
 
-def check_run_data(spec: RunSpec, data: LatentData, *, resume: Optional[str]) -> None:
+def check_run_data(spec: RunSpec, data: LatentData, *, resume: str | None) -> None:
     """At the start of training (rank 0): write <run_dir>/split.json, refusing a resume (--resume PATH, or auto
     with checkpoints present) whose split changed."""
     from neuromf.data.record import record_split, split_record
@@ -334,6 +395,11 @@ def check_run_data(spec: RunSpec, data: LatentData, *, resume: Optional[str]) ->
 
     if data.split is not None:
         d = spec.data
-        record = split_record(data.split, seed=d.split_seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                              subject_from=d.subject_from)
+        record = split_record(
+            data.split,
+            seed=d.split_seed,
+            val_fraction=d.val_fraction,
+            test_fraction=d.test_fraction,
+            subject_from=d.subject_from,
+        )
         record_split(spec.paths.run_dir, record, resuming)

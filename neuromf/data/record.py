@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from neuromf.atomic import atomic_write_text
 from neuromf.data.split import SPLITS, Split
@@ -24,7 +24,9 @@ SPLIT_FILE = "split.json"
 VERIFIED_FILE = Path("data") / "verified.json"
 
 
-def split_record(split: Split, *, seed: int, val_fraction: float, test_fraction: float, subject_from: str) -> dict[str, Any]:
+def split_record(
+    split: Split, *, seed: int, val_fraction: float, test_fraction: float, subject_from: str
+) -> dict[str, Any]:
     """The content of split.json."""
     return {
         "train": split.train,
@@ -35,13 +37,18 @@ def split_record(split: Split, *, seed: int, val_fraction: float, test_fraction:
         "by_dataset": split.by_dataset(),
         "promoted": split.promoted,
         "names_without_subject": split.unmatched,
-        "rule": {"split_seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
-                 "subject_from": subject_from},
+        "rule": {
+            "split_seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "subject_from": subject_from,
+        },
     }
 
 
-def split_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> Optional[str]:
+def split_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str | None:
     """None when the names per split agree; else a short account: moved, new and gone latents (a few named)."""
+
     def place(record: dict[str, Any]) -> dict[str, str]:
         return {name: which for which in SPLITS for name in record.get(which, [])}
 
@@ -52,8 +59,12 @@ def split_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> O
     added, gone = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
     parts = []
     if moved:
-        parts.append(f"{len(moved)} moved (" + ", ".join(f"{n}: {before[n]} -> {after[n]}" for n in moved[:limit])
-                     + (", ..." if len(moved) > limit else "") + ")")
+        parts.append(
+            f"{len(moved)} moved ("
+            + ", ".join(f"{n}: {before[n]} -> {after[n]}" for n in moved[:limit])
+            + (", ..." if len(moved) > limit else "")
+            + ")"
+        )
     if added:
         parts.append(f"{len(added)} new (" + ", ".join(added[:limit]) + (", ..." if len(added) > limit else "") + ")")
     if gone:
@@ -71,8 +82,10 @@ def record_split(run_dir: Path, record: dict[str, Any], resuming: bool) -> Path:
             raise UserError(f"{path}: unreadable ({type(e).__name__}); restore it or start a new run_dir") from None
         changed = split_changes(old, record)
         if changed:
-            raise UserError(f"{path}: the data split differs from the one this run was trained on: {changed}; "
-                            "restore the latents and data.* settings, or start a new paths.run_dir")
+            raise UserError(
+                f"{path}: the data split differs from the one this run was trained on: {changed}; "
+                "restore the latents and data.* settings, or start a new paths.run_dir"
+            )
         if old == record:
             return path
     _write(path, json.dumps(record, indent=1) + "\n")
@@ -94,8 +107,12 @@ def verify_shard_once(run_dir: Path, shard: Path, force: bool = False, progress:
     shard = Path(shard)
     info = read_shard_info(shard)
     st = shard.stat()
-    identity = {"shard": str(shard.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "content_sha256": info.content_sha256}
+    identity = {
+        "shard": str(shard.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "content_sha256": info.content_sha256,
+    }
     record_path = Path(run_dir) / VERIFIED_FILE
     if not force and record_path.is_file():
         try:
@@ -110,12 +127,19 @@ def verify_shard_once(run_dir: Path, shard: Path, force: bool = False, progress:
     try:
         actual = content_checksum(shard)
     except (OSError, KeyError) as e:  # a damaged chunk or header fails inside HDF5
-        raise UserError(f"{shard}: damaged: its latents cannot be read ({' '.join(str(e).split())[:120]}); "
-                        "pack it again from the sources") from None
+        raise UserError(
+            f"{shard}: damaged: its latents cannot be read ({' '.join(str(e).split())[:120]}); "
+            "pack it again from the sources"
+        ) from None
     if actual != info.content_sha256:
-        raise UserError(f"{shard}: damaged: its latents' checksum is {actual[:16]}..., the shard says "
-                        f"{info.content_sha256[:16]}...; pack it again from the sources")
-    record = {**identity, "verified_s": round(time.perf_counter() - started, 2),
-              "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        raise UserError(
+            f"{shard}: damaged: its latents' checksum is {actual[:16]}..., the shard says "
+            f"{info.content_sha256[:16]}...; pack it again from the sources"
+        )
+    record = {
+        **identity,
+        "verified_s": round(time.perf_counter() - started, 2),
+        "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     _write(record_path, json.dumps(record, indent=1) + "\n")
     return True

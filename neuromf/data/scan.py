@@ -14,14 +14,21 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from neuromf.data.latents import ChannelStats, LatentFileError, _short, check_latent, latent_name, load_latent_and_meta, one_thread
+from neuromf.data.latents import (
+    ChannelStats,
+    LatentFileError,
+    _short,
+    check_latent,
+    latent_name,
+    load_latent_and_meta,
+    one_thread,
+)
 from neuromf.data.meta import LatentMeta, meta_from_dict
 from neuromf.data.sources import LatentItem, file_sha256, list_source_files, source_checksum, source_fingerprint
 from neuromf.data.upstream import read_upstream
@@ -36,9 +43,9 @@ class FolderScan:
     files: list[Path]  # all source files (.pt and upstream .h5), sorted
     good: list[LatentItem]  # readable, valid, of the common shape (sorted by name)
     bad: list[tuple[Path, str]]  # (file or file[slot], reason)
-    shape: Optional[tuple[int, ...]]  # common (C, D, H, W)
+    shape: tuple[int, ...] | None  # common (C, D, H, W)
     dtypes: Counter = field(default_factory=Counter)  # source dtype -> count (good latents)
-    stats: Optional[ChannelStats] = None  # over the good latents
+    stats: ChannelStats | None = None  # over the good latents
     file_hashes: dict[str, str] = field(default_factory=dict)  # file name -> sha256, every file
     item_hashes: dict[str, str] = field(default_factory=dict)  # latent name -> sha256 of its bytes (upstream slots)
     source_sha256: str = ""
@@ -60,11 +67,13 @@ class FolderScan:
         lines = [f"{p}: {reason}" for p, reason in self.bad[:limit]]
         if len(self.bad) > limit:
             lines.append(f"{self.folder}: ... and {len(self.bad) - limit} more bad latents")
-        lines.append(f"{self.folder}: {len(self.bad)} of {self.n_latents} latents are bad (--skip-bad packs the others)")
+        lines.append(
+            f"{self.folder}: {len(self.bad)} of {self.n_latents} latents are bad (--skip-bad packs the others)"
+        )
         raise UserError(*lines)
 
 
-def read_item(item: LatentItem, handles: Optional[dict[Path, h5py.File]] = None) -> torch.Tensor:
+def read_item(item: LatentItem, handles: dict[Path, h5py.File] | None = None) -> torch.Tensor:
     """One latent's checked (C, D, H, W) tensor. `handles` caches open upstream shards (the caller closes them)."""
     if item.slot is None:
         try:
@@ -103,14 +112,18 @@ def scan_latents(folder: Path, progress: bool = True) -> FolderScan:
     if len(shapes) > 1:
         first, *others = sorted(upstream.values(), key=lambda u: u.path.name)
         other = next(u for u in others if u.shape != first.shape)
-        raise UserError(f"{other.path}: latents of shape {list(other.shape)}, but {first.path} has {list(first.shape)}; "
-                        "pack shards of one shape")
+        raise UserError(
+            f"{other.path}: latents of shape {list(other.shape)}, but {first.path} has {list(first.shape)}; "
+            "pack shards of one shape"
+        )
     hashes: dict[str, str] = {}
     item_hashes: dict[str, str] = {}
     valid: list[tuple[LatentItem, tuple[int, ...], torch.dtype, ChannelStats]] = []
     bad: list[tuple[Path, str]] = []
     n_latents = sum(1 for p in files if p.name.endswith(".pt")) + sum(len(u.slots) for u in upstream.values())
-    bar = tqdm(total=n_latents, desc="checking latents", unit="latent", disable=not progress, file=sys.stderr, mininterval=0.5)
+    bar = tqdm(
+        total=n_latents, desc="checking latents", unit="latent", disable=not progress, file=sys.stderr, mininterval=0.5
+    )
     with one_thread(), bar:
         for p in files:
             if p in upstream:
@@ -146,16 +159,20 @@ def scan_latents(folder: Path, progress: bool = True) -> FolderScan:
                 bad.append((p, e.reason))
                 continue
             name = latent_name(p)
-            valid.append((LatentItem(name, p, None, meta_from_dict(name, raw_meta)), tuple(x.shape), x.dtype, ChannelStats.of(x)))
+            valid.append(
+                (LatentItem(name, p, None, meta_from_dict(name, raw_meta)), tuple(x.shape), x.dtype, ChannelStats.of(x))
+            )
     seen: dict[str, LatentItem] = {}
     for item, *_ in valid:
         if item.name in seen:
-            raise UserError(f"{folder}: two latents are named {item.name!r} ({seen[item.name].where} and {item.where}); "
-                            "keep one of them")
+            raise UserError(
+                f"{folder}: two latents are named {item.name!r} ({seen[item.name].where} and {item.where}); "
+                "keep one of them"
+            )
         seen[item.name] = item
     shape = None
     good: list[LatentItem] = []
-    stats: Optional[ChannelStats] = None
+    stats: ChannelStats | None = None
     dtypes: Counter = Counter()
     if valid:
         counts = Counter(s for _, s, _, _ in valid)
@@ -171,10 +188,18 @@ def scan_latents(folder: Path, progress: bool = True) -> FolderScan:
     good.sort(key=lambda item: item.name)
     bad.sort(key=lambda entry: entry[0].name)
     return FolderScan(
-        folder=Path(folder), files=files, good=good, bad=bad, shape=shape, dtypes=dtypes, stats=stats,
-        file_hashes=hashes, item_hashes=item_hashes,
+        folder=Path(folder),
+        files=files,
+        good=good,
+        bad=bad,
+        shape=shape,
+        dtypes=dtypes,
+        stats=stats,
+        file_hashes=hashes,
+        item_hashes=item_hashes,
         source_sha256=source_checksum(hashes) if len(hashes) == len(files) else "",
-        fingerprint=fingerprint, n_latents=n_latents,
+        fingerprint=fingerprint,
+        n_latents=n_latents,
     )
 
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import h5py
 import numpy as np
@@ -109,13 +109,17 @@ def read_shard_info(path: Path) -> ShardInfo:
     try:
         f = open_h5(path)
     except OSError as e:
-        raise UserError(f"{path}: not a readable HDF5 file, truncated or not a shard ({' '.join(str(e).split())[:120]})") from None
+        raise UserError(
+            f"{path}: not a readable HDF5 file, truncated or not a shard ({' '.join(str(e).split())[:120]})"
+        ) from None
     with f:
         a = f.attrs
         if a.get("format") != SHARD_FORMAT:
             if "latents" in f and ("written" in f or "dataset_name" in a):
-                raise UserError(f"{path}: an upstream encoder shard, not a NeuroMF shard; pack its folder "
-                                f"(neuromf pack {path.parent} OUT.h5) or set data.latent_dir to {path.parent}")
+                raise UserError(
+                    f"{path}: an upstream encoder shard, not a NeuroMF shard; pack its folder "
+                    f"(neuromf pack {path.parent} OUT.h5) or set data.latent_dir to {path.parent}"
+                )
             raise UserError(f"{path}: not a NeuroMF latent shard (no format attribute {SHARD_FORMAT!r})")
         if not bool(a.get("complete", False)):
             raise UserError(f"{path}: incomplete shard (its packing was interrupted); pack it again")
@@ -127,7 +131,9 @@ def read_shard_info(path: Path) -> ShardInfo:
         if dtype not in STORAGE or ds.dtype != np.dtype(STORAGE[dtype][0]):
             raise UserError(f"{path}: latents are stored as {ds.dtype} but the dtype attribute says {dtype!r}")
         if ds.shape != (n, *shape) or f["names"].shape != (n,):
-            raise UserError(f"{path}: dataset shapes {ds.shape} / {f['names'].shape} disagree with n={n}, shape={shape}")
+            raise UserError(
+                f"{path}: dataset shapes {ds.shape} / {f['names'].shape} disagree with n={n}, shape={shape}"
+            )
         names = [str(s) for s in f["names"].asstr()[()]]
         if all(key in f and f[key].shape == (n,) for key in META_FIELDS):
             columns = {key: [str(s) for s in f[key].asstr()[()]] for key in META_FIELDS}
@@ -162,7 +168,7 @@ class ShardReader:
 
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
-        self._file: Optional[h5py.File] = None
+        self._file: h5py.File | None = None
 
     def read(self, rows: Sequence[int]) -> torch.Tensor:
         """(len(rows), C, D, H, W) in the shard's logical dtype, on the CPU; rows in any order."""
@@ -187,7 +193,7 @@ def read_shard(path: Path) -> tuple[torch.Tensor, list[str]]:
         return from_storage(f["latents"][()], info.dtype), info.names
 
 
-def _content_hash(n: int, shape: Sequence[int], dtype: str) -> "hashlib._Hash":
+def _content_hash(n: int, shape: Sequence[int], dtype: str) -> hashlib._Hash:
     h = hashlib.sha256()
     h.update(json.dumps({"format": SHARD_FORMAT, "n": n, "shape": list(shape), "dtype": dtype}).encode())
     return h
@@ -220,5 +226,3 @@ def shard_freshness(shard: Path, src_dir: Path) -> tuple[bool, str]:
     if info.source_sha256 == hash_sources(files, progress=True):  # touched or copied, same contents
         return True, "up to date (same file contents)"
     return False, f"the latents in {src_dir} changed since it was packed"
-
-

@@ -13,9 +13,9 @@ import hashlib
 import os
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from tqdm import tqdm
 
@@ -31,7 +31,7 @@ class LatentItem:
 
     name: str
     path: Path
-    slot: Optional[int]
+    slot: int | None
     meta: LatentMeta
 
     @property
@@ -39,7 +39,7 @@ class LatentItem:
         return str(self.path) if self.slot is None else f"{self.path}[{self.slot}]"
 
 
-def _entry_problem(p: Path) -> Optional[str]:
+def _entry_problem(p: Path) -> str | None:
     """Why a listed entry cannot be a latent source, or None."""
     try:
         st = os.stat(p)  # follows links
@@ -69,9 +69,13 @@ def list_source_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     try:
         if not folder.is_dir():
-            raise UserError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is not a folder of latents")
-        entries = sorted((p for p in folder.iterdir() if p.name.endswith(SOURCE_SUFFIXES) and not p.name.startswith(".")),
-                         key=lambda p: p.name)
+            raise UserError(
+                f"{folder}: no such folder" if not folder.exists() else f"{folder}: is not a folder of latents"
+            )
+        entries = sorted(
+            (p for p in folder.iterdir() if p.name.endswith(SOURCE_SUFFIXES) and not p.name.startswith(".")),
+            key=lambda p: p.name,
+        )
     except OSError as e:
         raise UserError(f"{folder}: cannot list the folder ({os.strerror(e.errno) if e.errno else e})") from None
     problems = [line for line in map(_entry_problem, entries) if line]
@@ -102,7 +106,9 @@ def source_fingerprint(files: Sequence[Path]) -> str:
         try:
             st = p.stat()
         except OSError as e:
-            raise UserError(f"{p}: vanished or unreadable while the folder was being read ({os.strerror(e.errno) if e.errno else e}); run again") from None
+            raise UserError(
+                f"{p}: vanished or unreadable while the folder was being read ({os.strerror(e.errno) if e.errno else e}); run again"
+            ) from None
         lines.append(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
     return _digest(lines)
 

@@ -23,8 +23,8 @@ binomial around the fractions (e.g. val 10 % +- 1.3 % of 500 subjects).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from neuromf.data.meta import LatentMeta, subject_keys
 from neuromf.seeding import derived_fraction
@@ -66,7 +66,10 @@ class Split:
                 subjects[self.dataset_of[n]].add(self.subject_of[n])
                 latents[self.dataset_of[n]] += 1
             for ds in set(self.dataset_of.values()):
-                out.setdefault(ds or "(unknown)", {})[which] = {"latents": latents.get(ds, 0), "subjects": len(subjects.get(ds, ()))}
+                out.setdefault(ds or "(unknown)", {})[which] = {
+                    "latents": latents.get(ds, 0),
+                    "subjects": len(subjects.get(ds, ())),
+                }
         return dict(sorted(out.items()))
 
     def summary_lines(self) -> list[str]:
@@ -75,7 +78,9 @@ class Split:
         for which in SPLITS:
             names = self.names(which)
             datasets = {self.dataset_of[n] for n in names}
-            lines.append(f"{which}: {len(names)} latents, {len(self.subjects(which))} subjects, {len(datasets)} datasets")
+            lines.append(
+                f"{which}: {len(names)} latents, {len(self.subjects(which))} subjects, {len(datasets)} datasets"
+            )
         return lines
 
 
@@ -97,7 +102,10 @@ def split_subjects(
         key = found.keys[name]
         draw[key] = subject_draw(key, seed)
         dataset_subjects[found.datasets[name]].add(key)
-    place = {key: ("test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train") for key, u in draw.items()}
+    place = {
+        key: ("test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train")
+        for key, u in draw.items()
+    }
     promoted: list[str] = []
 
     def promote(candidates: set[str], to: str, eligible: tuple[str, ...]) -> None:
@@ -123,8 +131,13 @@ def split_subjects(
     for name in names:
         parts[place[found.keys[name]]].append(name)
     return Split(
-        sorted(parts["train"]), sorted(parts["val"]), sorted(parts["test"]), dict(found.keys), dict(found.datasets),
-        sorted(promoted), found.unmatched,
+        sorted(parts["train"]),
+        sorted(parts["val"]),
+        sorted(parts["test"]),
+        dict(found.keys),
+        dict(found.datasets),
+        sorted(promoted),
+        found.unmatched,
     )
 
 

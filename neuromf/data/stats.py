@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,29 +16,33 @@ from neuromf.errors import UserError
 class LatentStats:
     """Per-channel mean and std (float32 tensors of shape (C,)); channels are dim -4 of a latent."""
 
-    def __init__(self, mean: Sequence[float] | np.ndarray | torch.Tensor, std: Sequence[float] | np.ndarray | torch.Tensor) -> None:
+    def __init__(
+        self, mean: Sequence[float] | np.ndarray | torch.Tensor, std: Sequence[float] | np.ndarray | torch.Tensor
+    ) -> None:
         self.mean = torch.as_tensor(np.asarray(mean, dtype=np.float64), dtype=torch.float32).reshape(-1)
         self.std = torch.as_tensor(np.asarray(std, dtype=np.float64), dtype=torch.float32).reshape(-1)
         if self.mean.shape != self.std.shape:
             raise ValueError(f"mean has {self.mean.numel()} channels, std has {self.std.numel()}")
         if not bool(torch.isfinite(self.mean).all() & torch.isfinite(self.std).all() & (self.std > 0).all()):
             bad = [c for c in range(self.std.numel()) if not (self.std[c] > 0 and torch.isfinite(self.mean[c]))]
-            raise UserError(f"latent statistics: channel(s) {bad} have std 0 or non-finite values; cannot normalise "
-                            "(set data.normalise: false)")
+            raise UserError(
+                f"latent statistics: channel(s) {bad} have std 0 or non-finite values; cannot normalise "
+                "(set data.normalise: false)"
+            )
 
     @classmethod
-    def identity(cls, channels: int) -> "LatentStats":
+    def identity(cls, channels: int) -> LatentStats:
         """No normalisation: mean 0, std 1."""
         return cls([0.0] * channels, [1.0] * channels)
 
     @classmethod
-    def from_json(cls, path: Path) -> "LatentStats":
+    def from_json(cls, path: Path) -> LatentStats:
         """From latent_stats.json (per_channel.channel_N.mean / .std)."""
         mean, std = read_stats_json(path)
         return cls(mean, std)
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "LatentStats":
+    def from_state_dict(cls, state: dict) -> LatentStats:
         return cls(state["mean"], state["std"])
 
     def state_dict(self) -> dict[str, list[float]]:
@@ -49,7 +53,7 @@ class LatentStats:
     def channels(self) -> int:
         return self.mean.numel()
 
-    def to(self, device: torch.device | str) -> "LatentStats":
+    def to(self, device: torch.device | str) -> LatentStats:
         out = LatentStats.__new__(LatentStats)
         out.mean, out.std = self.mean.to(device), self.std.to(device)
         return out
@@ -85,14 +89,14 @@ WARN_RTOL = 0.02  # warn when a value of latent_stats.json is off by more than 2
 REFUSE_RTOL = 0.10  # data.stats 'file': refuse when its mean or std is off by more than 10 % of the channel std
 
 
-def _extras(path: Path) -> tuple[dict[str, list[Optional[float]]], Optional[int]]:
+def _extras(path: Path) -> tuple[dict[str, list[float | None]], int | None]:
     """Per-channel min and max (None where absent) and n_files of latent_stats.json, when it has them."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}, None
     per = raw.get("per_channel") if isinstance(raw, dict) else None
-    out: dict[str, list[Optional[float]]] = {"min": [], "max": []}
+    out: dict[str, list[float | None]] = {"min": [], "max": []}
     for c in range(len(per) if isinstance(per, dict) else 0):
         entry = per.get(f"channel_{c}") or {}
         for key in out:
@@ -105,7 +109,7 @@ def _extras(path: Path) -> tuple[dict[str, list[Optional[float]]], Optional[int]
 
 
 def compare_stats_file(
-    path: Path, mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_latents: Optional[int] = None
+    path: Path, mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_latents: int | None = None
 ) -> tuple[list[str], list[str]]:
     """(every disagreement beyond WARN_RTOL, the mean/std ones beyond REFUSE_RTOL) between latent_stats.json
     (mean, std, min, max, n_files) and the statistics of the data. Off-ness is measured in units of the data's
@@ -118,13 +122,18 @@ def compare_stats_file(
     warnings, refusals = [], []
     for c in range(len(mean)):
         fields = [("mean", file_mean[c], mean[c]), ("std", file_std[c], std[c])]
-        fields += [(key, extras[key][c], value) for key, value in (("min", lo[c]), ("max", hi[c]))
-                   if c < len(extras.get(key, [])) and extras[key][c] is not None]
+        fields += [
+            (key, extras[key][c], value)
+            for key, value in (("min", lo[c]), ("max", hi[c]))
+            if c < len(extras.get(key, [])) and extras[key][c] is not None
+        ]
         for key, in_file, in_data in fields:
             off = abs(in_file - in_data) / std[c]
             if off > WARN_RTOL:
-                line = (f"channel_{c} {key}: file {in_file:.6g}, data {in_data:.6g} "
-                        f"(off by {100 * off:.1f} % of the channel std; tolerance {100 * WARN_RTOL:.0f} %)")
+                line = (
+                    f"channel_{c} {key}: file {in_file:.6g}, data {in_data:.6g} "
+                    f"(off by {100 * off:.1f} % of the channel std; tolerance {100 * WARN_RTOL:.0f} %)"
+                )
                 warnings.append(line)
                 if key in ("mean", "std") and off > REFUSE_RTOL:
                     refusals.append(line)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import h5py
 import numpy as np
@@ -38,7 +37,7 @@ def is_neuromf_shard(path: Path) -> bool:
         return False
 
 
-def _strings(f: h5py.File, key: str, n: int, path: Path) -> Optional[list[str]]:
+def _strings(f: h5py.File, key: str, n: int, path: Path) -> list[str] | None:
     if key not in f:
         return None
     ds = f[key]

@@ -21,15 +21,25 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from neuromf.doctor.result import CheckResult, write_report
 from neuromf.spec.schema import RunSpec
 
 __all__ = ["CHECK_NAMES", "CheckResult", "report_header", "run_doctor", "write_report"]
 
-CHECK_NAMES = ["device", "toolchain", "conv3d_bf16", "forward_bf16", "jvp", "memory", "compiled_step", "throughput",
-               "data_residency"]
+CHECK_NAMES = [
+    "device",
+    "toolchain",
+    "conv3d_bf16",
+    "forward_bf16",
+    "jvp",
+    "memory",
+    "compiled_step",
+    "throughput",
+    "data_residency",
+]
 
 
 def _checks() -> dict[str, Callable[[Any], CheckResult]]:
@@ -43,17 +53,26 @@ def _checks() -> dict[str, Callable[[Any], CheckResult]]:
     return {
         "device": lambda ctx: check_device(ctx.device, ctx.spec.training.precision),
         "toolchain": lambda ctx: check_toolchain(ctx.device, ctx.spec.training.compile),
-        "conv3d_bf16": check_conv3d_bf16, "forward_bf16": check_forward_bf16, "jvp": check_jvp, "memory": check_memory,
-        "compiled_step": check_compiled_step, "throughput": check_throughput, "data_residency": check_residency,
+        "conv3d_bf16": check_conv3d_bf16,
+        "forward_bf16": check_forward_bf16,
+        "jvp": check_jvp,
+        "memory": check_memory,
+        "compiled_step": check_compiled_step,
+        "throughput": check_throughput,
+        "data_residency": check_residency,
     }
 
 
 def report_header(spec: RunSpec) -> dict[str, Any]:
-    return {"neuromf_doctor": 1, "spec": spec.name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "neuromf_doctor": 1,
+        "spec": spec.name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def run_doctor(
-    spec: RunSpec, only: Optional[list[str]] = None, on_result: Optional[Callable[[CheckResult], None]] = None
+    spec: RunSpec, only: list[str] | None = None, on_result: Callable[[CheckResult], None] | None = None
 ) -> list[CheckResult]:
     """Run the checks (all, or those named in `only`, in their fixed order); return their results."""
     from neuromf.doctor.context import DoctorContext

@@ -33,7 +33,9 @@ def check_compiled_step(ctx: DoctorContext) -> CheckResult:
         return CheckResult("compiled_step", None, "training.compile is off (the run is eager)")
     missing = missing_toolchain(ctx.device)
     if missing:
-        return CheckResult("compiled_step", False, "cannot compile here, missing: " + "; ".join(missing), {"missing": missing})
+        return CheckResult(
+            "compiled_step", False, "cannot compile here, missing: " + "; ".join(missing), {"missing": missing}
+        )
     n = ctx.shared.get("largest_micro_batch", ctx.micro_batch)
     spec = ctx.spec.model_copy(update={"training": tr.model_copy(update={"accumulate_grad_batches": 1})})
     trainer = Trainer.for_steps(spec, ctx.fresh_net(), ctx.device, ctx.dtype)  # the trainer's step, on a fresh network
@@ -45,17 +47,36 @@ def check_compiled_step(ctx: DoctorContext) -> CheckResult:
         ctx.sync()
     except Exception as e:  # noqa: BLE001 - the point of the check: say what failed, in one line
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        return CheckResult("compiled_step", False, f"torch.compile ({tr.compile_mode}) failed: {type(e).__name__}: {first}",
-                           {"error": f"{type(e).__name__}: {first}"})
+        return CheckResult(
+            "compiled_step",
+            False,
+            f"torch.compile ({tr.compile_mode}) failed: {type(e).__name__}: {first}",
+            {"error": f"{type(e).__name__}: {first}"},
+        )
     seconds = time.perf_counter() - start
     graphs, breaks = _counters()[0] - graphs, _counters()[1] - breaks
-    details: dict[str, Any] = {"micro_batch": n, "compile_mode": tr.compile_mode, "first_step_s": seconds,
-                               "graphs": graphs, "graph_breaks": breaks, "loss_total": float(metrics["loss_total"])}
+    details: dict[str, Any] = {
+        "micro_batch": n,
+        "compile_mode": tr.compile_mode,
+        "first_step_s": seconds,
+        "graphs": graphs,
+        "graph_breaks": breaks,
+        "loss_total": float(metrics["loss_total"]),
+    }
     if graphs < 1:
         return CheckResult("compiled_step", False, "torch.compile produced no graph: the step ran eagerly", details)
     if not applied:
-        return CheckResult("compiled_step", False, f"the compiled step's loss or gradients are not finite "
-                           f"(loss {details['loss_total']:.4g})", details)
+        return CheckResult(
+            "compiled_step",
+            False,
+            f"the compiled step's loss or gradients are not finite (loss {details['loss_total']:.4g})",
+            details,
+        )
     ctx.shared["compiled"] = (trainer, n)
-    return CheckResult("compiled_step", True, f"compiled ({tr.compile_mode}) and ran one step of {n} in {seconds:.1f} s "
-                       f"(compile included; {graphs} graph{'s' if graphs != 1 else ''}, {breaks} graph breaks)", details)
+    return CheckResult(
+        "compiled_step",
+        True,
+        f"compiled ({tr.compile_mode}) and ran one step of {n} in {seconds:.1f} s "
+        f"(compile included; {graphs} graph{'s' if graphs != 1 else ''}, {breaks} graph breaks)",
+        details,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -17,16 +17,18 @@ __all__ = ["DoctorContext"]
 class DoctorContext:
     spec: RunSpec
     device: torch.device
-    dtype: Optional[torch.dtype]  # the network's autocast dtype (None: fp32)
+    dtype: torch.dtype | None  # the network's autocast dtype (None: fp32)
     net: torch.nn.Module  # the run's network with MONAI's zero-initialised layers perturbed (non-trivial outputs)
     loss: Any  # the trainer's MeanFlowLoss
-    shared: dict[str, Any] = field(default_factory=dict)  # what one check leaves for a later one (e.g. the largest micro-batch)
+    shared: dict[str, Any] = field(
+        default_factory=dict
+    )  # what one check leaves for a later one (e.g. the largest micro-batch)
 
     @classmethod
-    def build(cls, spec: RunSpec) -> "DoctorContext":
+    def build(cls, spec: RunSpec) -> DoctorContext:
+        from neuromf.device import autocast_dtype, pick_device
         from neuromf.meanflow.loss import MeanFlowLoss
         from neuromf.model.unet import build_network, perturb_zero_init
-        from neuromf.device import autocast_dtype, pick_device
         from neuromf.train.runtime import configure_torch
 
         device = pick_device(spec)

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -16,14 +16,19 @@ from neuromf.doctor.result import CheckResult
 __all__ = ["check_device", "check_toolchain", "driver_version", "missing_toolchain"]
 
 
-def driver_version() -> Optional[str]:
+def driver_version() -> str | None:
     """The NVIDIA driver's version from nvidia-smi, when it is on PATH."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None
     try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None
@@ -38,16 +43,24 @@ def check_device(device: torch.device, precision: str) -> CheckResult:
         info["cpu_threads"] = torch.get_num_threads()
         return CheckResult("device", True, f"cpu ({torch.get_num_threads()} threads), torch {torch.__version__}", info)
     props = torch.cuda.get_device_properties(device)
-    info.update(name=props.name, capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=driver_version())
-    text = (f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm {props.major}.{props.minor}); torch {torch.__version__}, "
-            f"CUDA {info['cuda']}, cuDNN {info['cudnn']}, driver {info['driver'] or 'unknown (no nvidia-smi)'}")
+    info.update(
+        name=props.name,
+        capability=f"{props.major}.{props.minor}",
+        memory_bytes=props.total_memory,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version(),
+        driver=driver_version(),
+    )
+    text = (
+        f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm {props.major}.{props.minor}); torch {torch.__version__}, "
+        f"CUDA {info['cuda']}, cuDNN {info['cudnn']}, driver {info['driver'] or 'unknown (no nvidia-smi)'}"
+    )
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         return CheckResult("device", False, f"training.precision bf16: not supported by {props.name}; use fp32", info)
     return CheckResult("device", True, text, info)
 
 
-def _python_headers() -> Optional[Path]:
+def _python_headers() -> Path | None:
     include = sysconfig.get_paths().get("include")
     header = Path(include) / "Python.h" if include else None
     return header if header is not None and header.is_file() else None
@@ -93,8 +106,18 @@ def check_toolchain(device: torch.device, compile_on: bool) -> CheckResult:
     missing = missing_toolchain(device)
     details = {"missing": missing, "CC": os.environ.get("CC"), "CXX": os.environ.get("CXX")}
     if not missing:
-        return CheckResult("toolchain", True, "compiler, Python headers" + (" and libcuda" if device.type == "cuda" else "")
-                           + " present for torch.compile", details)
+        return CheckResult(
+            "toolchain",
+            True,
+            "compiler, Python headers"
+            + (" and libcuda" if device.type == "cuda" else "")
+            + " present for torch.compile",
+            details,
+        )
     if not compile_on:
-        return CheckResult("toolchain", None, "training.compile is off; torch.compile would lack: " + "; ".join(missing), details)
-    return CheckResult("toolchain", False, "torch.compile cannot build kernels here; missing: " + "; ".join(missing), details)
+        return CheckResult(
+            "toolchain", None, "training.compile is off; torch.compile would lack: " + "; ".join(missing), details
+        )
+    return CheckResult(
+        "toolchain", False, "torch.compile cannot build kernels here; missing: " + "; ".join(missing), details
+    )

@@ -76,9 +76,16 @@ def check_memory(ctx: DoctorContext) -> CheckResult:
     per_latent = probe["peak"] / m
     fixed = probe["before"]
     needed = fixed + per_latent * micro
-    details: dict[str, Any] = {"micro_batch": micro, "capacity_bytes": capacity, "headroom": HEADROOM, "probe_latents": m,
-                               "resident_bytes": fixed, "per_latent_bytes": per_latent, "projected_bytes": needed,
-                               "gradient_checkpointing": tr.gradient_checkpointing}
+    details: dict[str, Any] = {
+        "micro_batch": micro,
+        "capacity_bytes": capacity,
+        "headroom": HEADROOM,
+        "probe_latents": m,
+        "resident_bytes": fixed,
+        "per_latent_bytes": per_latent,
+        "projected_bytes": needed,
+        "gradient_checkpointing": tr.gradient_checkpointing,
+    }
     largest = max(0, int((room - fixed) // per_latent)) if per_latent > 0 else micro
     ctx.shared["largest_micro_batch"] = min(micro, max(1, largest))
     if needed <= room:
@@ -88,12 +95,21 @@ def check_memory(ctx: DoctorContext) -> CheckResult:
             except torch.OutOfMemoryError:
                 ctx.free()
                 ctx.shared["largest_micro_batch"] = m
-                return CheckResult("memory", False, f"micro-batch {micro}: out of memory although ~{_gib(needed)} was projected "
-                                   f"of {_gib(capacity)}; lower the micro-batch (training.accumulate_grad_batches)", details)
+                return CheckResult(
+                    "memory",
+                    False,
+                    f"micro-batch {micro}: out of memory although ~{_gib(needed)} was projected "
+                    f"of {_gib(capacity)}; lower the micro-batch (training.accumulate_grad_batches)",
+                    details,
+                )
             details["measured_bytes"] = measured["before"] + measured["peak"]
             needed = details["measured_bytes"]
-        return CheckResult("memory", True, f"micro-batch {micro}: {'peak' if 'measured_bytes' in details else '~'} "
-                           f"{_gib(needed)} of {_gib(capacity)}", details)
+        return CheckResult(
+            "memory",
+            True,
+            f"micro-batch {micro}: {'peak' if 'measured_bytes' in details else '~'} {_gib(needed)} of {_gib(capacity)}",
+            details,
+        )
     # Does not fit: the largest micro-batch that does, and the settings that make the configured batch fit.
     fixes = []
     per_gpu = micro * tr.accumulate_grad_batches
@@ -109,9 +125,17 @@ def check_memory(ctx: DoctorContext) -> CheckResult:
         ok_ckpt = [k for k in _divisors(per_gpu) if per_gpu // k <= largest_ckpt]
         if ok_ckpt:
             k = ok_ckpt[0]
-            fixes.append("training.gradient_checkpointing=true" + (f" with training.accumulate_grad_batches={k}" if k > 1 else ""))
+            fixes.append(
+                "training.gradient_checkpointing=true"
+                + (f" with training.accumulate_grad_batches={k}" if k > 1 else "")
+            )
     details["largest_micro_batch"] = largest
     details["fixes"] = fixes
     fix = "; or ".join(fixes) if fixes else "no micro-batch fits: a smaller model or a larger device"
-    return CheckResult("memory", False, f"micro-batch {micro} needs ~{_gib(needed)}, {_gib(capacity)} available: the largest "
-                       f"that fits is {largest}; set {fix}", details)
+    return CheckResult(
+        "memory",
+        False,
+        f"micro-batch {micro} needs ~{_gib(needed)}, {_gib(capacity)} available: the largest "
+        f"that fits is {largest}; set {fix}",
+        details,
+    )

@@ -17,7 +17,7 @@ import ctypes
 import gc
 import resource
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -38,7 +38,7 @@ class MemoryMeter:
 
     device: torch.device
     _before: int = 0
-    _resettable: Optional[bool] = None
+    _resettable: bool | None = None
 
     def _reset_rss_peak(self) -> bool:
         try:
@@ -69,13 +69,22 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-            return {"peak_step_bytes": peak - self._before, "peak_total_bytes": peak,
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
-                    "mem_method": "CUDA caching allocator: max_memory_allocated (reset before the step)"}
+            return {
+                "peak_step_bytes": peak - self._before,
+                "peak_total_bytes": peak,
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                "mem_method": "CUDA caching allocator: max_memory_allocated (reset before the step)",
+            }
         if self._resettable:
             peak = status_bytes("VmHWM:")
-            return {"peak_step_bytes": peak - self._before, "peak_total_bytes": peak,
-                    "mem_method": "peak RSS of one step: malloc_trim, VmHWM reset via /proc/self/clear_refs, VmHWM - VmRSS before"}
+            return {
+                "peak_step_bytes": peak - self._before,
+                "peak_total_bytes": peak,
+                "mem_method": "peak RSS of one step: malloc_trim, VmHWM reset via /proc/self/clear_refs, VmHWM - VmRSS before",
+            }
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return {"peak_step_bytes": None, "peak_total_bytes": maxrss,
-                "mem_method": "ru_maxrss: process lifetime, not separable per variant (/proc/self/clear_refs not writable)"}
+        return {
+            "peak_step_bytes": None,
+            "peak_total_bytes": maxrss,
+            "mem_method": "ru_maxrss: process lifetime, not separable per variant (/proc/self/clear_refs not writable)",
+        }

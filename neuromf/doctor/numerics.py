@@ -9,7 +9,8 @@ O(1). The fp32 references run with TF32 off, so they are real fp32.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,14 @@ import torch.nn.functional as F
 from neuromf.doctor.context import DoctorContext
 from neuromf.doctor.result import CheckResult
 
-__all__ = ["CONV_TOLERANCE", "FORWARD_TOLERANCE", "JVP_TOLERANCE", "check_conv3d_bf16", "check_forward_bf16", "check_jvp"]
+__all__ = [
+    "CONV_TOLERANCE",
+    "FORWARD_TOLERANCE",
+    "JVP_TOLERANCE",
+    "check_conv3d_bf16",
+    "check_forward_bf16",
+    "check_jvp",
+]
 
 CONV_TOLERANCE = 2e-2
 FORWARD_TOLERANCE = 5e-2
@@ -66,7 +74,7 @@ def conv_layers_at_run_shapes(ctx: DoctorContext, batch: int) -> list[tuple[torc
     return list(seen.values())
 
 
-def _conv_error(conv: Conv, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], **kw: Any) -> float:
+def _conv_error(conv: Conv, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **kw: Any) -> float:
     with true_fp32():
         ref = conv(x, w, b, **kw)
     low = conv(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16(), **kw)
@@ -83,8 +91,16 @@ def check_conv3d_bf16(ctx: DoctorContext, conv: Conv = F.conv3d) -> CheckResult:
     with torch.no_grad():
         for module, shape in conv_layers_at_run_shapes(ctx, batch):
             x = torch.randn(shape, generator=g, device=ctx.device)
-            err = _conv_error(conv, x, module.weight, module.bias, stride=module.stride, padding=module.padding,
-                              dilation=module.dilation, groups=module.groups)
+            err = _conv_error(
+                conv,
+                x,
+                module.weight,
+                module.bias,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+            )
             name = f"{module.in_channels}->{module.out_channels} k{'x'.join(map(str, module.kernel_size))} on {'x'.join(map(str, shape))}"
             cases.append({"conv": name, "relative_error": err})
             if not err <= worst:  # NaN counts as worst
@@ -100,13 +116,26 @@ def check_conv3d_bf16(ctx: DoctorContext, conv: Conv = F.conv3d) -> CheckResult:
                 worst, where = err, name
             del x
     ctx.free()
-    details = {"tolerance": CONV_TOLERANCE, "cases": cases, "cudnn": torch.backends.cudnn.version() if ctx.device.type == "cuda" else None}
+    details = {
+        "tolerance": CONV_TOLERANCE,
+        "cases": cases,
+        "cudnn": torch.backends.cudnn.version() if ctx.device.type == "cuda" else None,
+    }
     if worst <= CONV_TOLERANCE:
-        return CheckResult("conv3d_bf16", True, f"{len(cases)} convolutions, worst relative error {worst:.2e} "
-                           f"(tolerance {CONV_TOLERANCE:.0e})", details)
+        return CheckResult(
+            "conv3d_bf16",
+            True,
+            f"{len(cases)} convolutions, worst relative error {worst:.2e} (tolerance {CONV_TOLERANCE:.0e})",
+            details,
+        )
     cudnn = f" (cuDNN {details['cudnn']}; 9.10.2 has this bug: pytorch#163539)" if details["cudnn"] else ""
-    return CheckResult("conv3d_bf16", False, f"bf16 conv3d is wrong{cudnn}: relative error {worst:.3g} > {CONV_TOLERANCE:.0e} "
-                       f"for {where}; train in fp32 or change the cuDNN/PyTorch build", details)
+    return CheckResult(
+        "conv3d_bf16",
+        False,
+        f"bf16 conv3d is wrong{cudnn}: relative error {worst:.3g} > {CONV_TOLERANCE:.0e} "
+        f"for {where}; train in fp32 or change the cuDNN/PyTorch build",
+        details,
+    )
 
 
 def check_forward_bf16(ctx: DoctorContext) -> CheckResult:
@@ -123,11 +152,15 @@ def check_forward_bf16(ctx: DoctorContext) -> CheckResult:
             low = ctx.net(z, t, t / 2)
     err = relative_error(low.float(), ref)
     ok = err <= FORWARD_TOLERANCE
-    return CheckResult("forward_bf16", ok, f"network output relative error {err:.2e} "
-                       f"({'within' if ok else 'ABOVE'} {FORWARD_TOLERANCE:.0e})", {"relative_error": err, "tolerance": FORWARD_TOLERANCE})
+    return CheckResult(
+        "forward_bf16",
+        ok,
+        f"network output relative error {err:.2e} ({'within' if ok else 'ABOVE'} {FORWARD_TOLERANCE:.0e})",
+        {"relative_error": err, "tolerance": FORWARD_TOLERANCE},
+    )
 
 
-def check_jvp(ctx: DoctorContext, du_dt: Optional[Callable[..., torch.Tensor]] = None) -> CheckResult:
+def check_jvp(ctx: DoctorContext, du_dt: Callable[..., torch.Tensor] | None = None) -> CheckResult:
     """d/dt u(z_t, t, r) as training computes it (the loss's JVP, the run's precision) against a central
     difference of a float64 copy of the network (step 1e-4: truncation and rounding both ~1e-8)."""
     import copy
@@ -153,5 +186,10 @@ def check_jvp(ctx: DoctorContext, du_dt: Optional[Callable[..., torch.Tensor]] =
     precision = "fp32" if ctx.dtype is None else "bf16"  # what the run computes in on this device
     tol = JVP_TOLERANCE[precision]
     ok = err <= tol
-    return CheckResult("jvp", ok, f"du/dt at {precision} vs a float64 finite difference: relative error "
-                       f"{err:.2e} ({'within' if ok else 'ABOVE'} {tol:.0e})", {"relative_error": err, "tolerance": tol})
+    return CheckResult(
+        "jvp",
+        ok,
+        f"du/dt at {precision} vs a float64 finite difference: relative error "
+        f"{err:.2e} ({'within' if ok else 'ABOVE'} {tol:.0e})",
+        {"relative_error": err, "tolerance": tol},
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from neuromf.atomic import atomic_write_text
 
@@ -17,7 +17,7 @@ class CheckResult:
     """`ok` None: the check does not apply here (SKIP). `summary` is the one line a person reads."""
 
     name: str
-    ok: Optional[bool]
+    ok: bool | None
     summary: str
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0

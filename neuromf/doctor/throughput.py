@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
 from neuromf.doctor.context import DoctorContext
 from neuromf.doctor.result import CheckResult
@@ -14,7 +14,7 @@ __all__ = ["TIMED_STEPS", "check_throughput", "steps_per_epoch"]
 TIMED_STEPS = 3
 
 
-def steps_per_epoch(ctx: DoctorContext) -> Optional[int]:
+def steps_per_epoch(ctx: DoctorContext) -> int | None:
     """Optimizer steps per epoch from the number of latents (None when the data cannot be counted here)."""
     from neuromf.cli.validate import count_latents
     from neuromf.data.split import estimate_sizes
@@ -58,8 +58,13 @@ def check_throughput(ctx: DoctorContext) -> CheckResult:
     per_micro = statistics.median(times)
     per_gpu = ctx.micro_batch * ctx.micro_batches_per_step  # this GPU's share of one optimizer step
     per_step = per_micro * per_gpu / n
-    details: dict[str, Any] = {"step": kind, "micro_batch": n, "timed_micro_steps": times, "seconds_per_step": per_step,
-                               "latents_per_s": per_gpu / per_step}
+    details: dict[str, Any] = {
+        "step": kind,
+        "micro_batch": n,
+        "timed_micro_steps": times,
+        "seconds_per_step": per_step,
+        "latents_per_s": per_gpu / per_step,
+    }
     spe = steps_per_epoch(ctx)
     text = f"{kind} step: {per_step:.3g} s per optimizer step ({per_gpu / per_step:.1f} latents/s on this device)"
     if spe is None:

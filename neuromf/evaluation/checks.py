@@ -13,12 +13,24 @@ import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = [
-    "Check", "TITLES", "CRITICAL", "train_records", "val_records", "mse_of", "epoch_losses",
-    "check_started", "check_loss_decreases", "check_no_nan", "check_grids", "check_ema_better", "check_statistics",
-    "check_resume", "T7_TOLERANCES",
+    "Check",
+    "TITLES",
+    "CRITICAL",
+    "train_records",
+    "val_records",
+    "mse_of",
+    "epoch_losses",
+    "check_started",
+    "check_loss_decreases",
+    "check_no_nan",
+    "check_grids",
+    "check_ema_better",
+    "check_statistics",
+    "check_resume",
+    "T7_TOLERANCES",
 ]
 
 PASS, FAIL, LOOK = "PASS", "FAIL", "NEEDS-LOOK"
@@ -73,7 +85,7 @@ def mse_of(r: dict[str, Any], lambda_mf: float, prefix: str = "train/") -> float
     return fm + lambda_mf * mf if _finite(fm) and _finite(mf) else math.nan
 
 
-def epoch_losses(history: Optional[dict[str, Any]], records: list[dict[str, Any]], lambda_mf: float) -> dict[int, float]:
+def epoch_losses(history: dict[str, Any] | None, records: list[dict[str, Any]], lambda_mf: float) -> dict[int, float]:
     """Mean training MSE per completed epoch: the checkpoint's loss history, else the log's step records."""
     out: dict[int, float] = {}
     for h in (history or {}).get("train", []):
@@ -86,18 +98,20 @@ def epoch_losses(history: Optional[dict[str, Any]], records: list[dict[str, Any]
     for r in train_records(records):
         value = mse_of(r, lambda_mf)
         if math.isfinite(value):
-            groups.setdefault(int(r.get("epoch", 0)) + 1, []).append(value)  # the record's "epoch" counts completed epochs
+            groups.setdefault(int(r.get("epoch", 0)) + 1, []).append(
+                value
+            )  # the record's "epoch" counts completed epochs
     return {e: statistics.fmean(v) for e, v in sorted(groups.items())}
 
 
-def _nearest(options: list[int], target: int) -> Optional[int]:
+def _nearest(options: list[int], target: int) -> int | None:
     return min(options, key=lambda e: (abs(e - target), e)) if options else None
 
 
 # ---------------------------------------------------------------- P4-T1 .. P4-T3
 
 
-def check_started(records: list[dict[str, Any]], global_step: int, total_steps: Optional[int]) -> Check:
+def check_started(records: list[dict[str, Any]], global_step: int, total_steps: int | None) -> Check:
     steps = [int(r["step"]) for r in train_records(records)]
     reached = max(steps + [global_step]) if steps or global_step else 0
     stopped = [r for r in records if str(r.get("event", "")).startswith("training stopped")]
@@ -106,12 +120,18 @@ def check_started(records: list[dict[str, Any]], global_step: int, total_steps: 
     if early:
         return Check("P4-T1", FAIL, f"the run stopped at step {early[0]['step']}: {early[0]['event']}", details)
     if reached >= 100:
-        return Check("P4-T1", PASS, f"the log reaches step {reached} (>= 100) with no 'training stopped' event", details)
+        return Check(
+            "P4-T1", PASS, f"the log reaches step {reached} (>= 100) with no 'training stopped' event", details
+        )
     if total_steps is not None and reached >= total_steps:
-        return Check("P4-T1", PASS, f"the run is shorter than 100 steps and completed all {total_steps} of them", details)
+        return Check(
+            "P4-T1", PASS, f"the run is shorter than 100 steps and completed all {total_steps} of them", details
+        )
     if not steps:
         return Check("P4-T1", FAIL, "the log has no training step at all", details)
-    return Check("P4-T1", LOOK, f"only {reached} steps so far (still running, or ended by a crash the log cannot show)", details)
+    return Check(
+        "P4-T1", LOOK, f"only {reached} steps so far (still running, or ended by a crash the log cannot show)", details
+    )
 
 
 def check_loss_decreases(per_epoch: dict[int, float], val: list[dict[str, Any]], lambda_mf: float) -> Check:
@@ -149,15 +169,20 @@ def check_no_nan(records: list[dict[str, Any]]) -> Check:
     details = {"bad_steps": bad, "nonfinite_records": nonfinite, "records": len(records)}
     if bad or nonfinite:
         shown = ", ".join(map(str, sorted(set(bad + nonfinite))[:8]))
-        return Check("P4-T3", FAIL, f"{len(bad)} skipped NaN/Inf steps and {len(nonfinite)} logged non-finite values "
-                                    f"(steps {shown}{', ...' if len(set(bad + nonfinite)) > 8 else ''})", details)
+        return Check(
+            "P4-T3",
+            FAIL,
+            f"{len(bad)} skipped NaN/Inf steps and {len(nonfinite)} logged non-finite values "
+            f"(steps {shown}{', ...' if len(set(bad + nonfinite)) > 8 else ''})",
+            details,
+        )
     return Check("P4-T3", PASS, f"0 NaN/Inf steps and no non-finite value in {len(records)} log records", details)
 
 
 # ---------------------------------------------------------------- P4-T4 / P4-T5
 
 
-def _grid_in(folder: Path) -> Optional[Path]:
+def _grid_in(folder: Path) -> Path | None:
     for pattern in ("ema_nfe1_grid.png", "*_nfe1_grid.png", "*_grid.png"):
         found = sorted(folder.glob(pattern))
         if found:
@@ -177,21 +202,27 @@ def check_grids(run_dir: Path, test_id: str, target_epoch: int) -> Check:
     if epoch is None:
         return Check(test_id, FAIL, "no sample grids under samples/epoch_*/", {})
     rel = epochs[epoch].relative_to(run_dir).as_posix()
-    where = f"epoch {epoch}" if epoch == target_epoch else f"epoch {epoch} (nearest to {target_epoch}; samples exist for epochs {min(epochs)}..{max(epochs)})"
+    where = (
+        f"epoch {epoch}"
+        if epoch == target_epoch
+        else f"epoch {epoch} (nearest to {target_epoch}; samples exist for epochs {min(epochs)}..{max(epochs)})"
+    )
     return Check(test_id, LOOK, f"visual inspection: [{rel}]({rel}), {where}", {"grid": rel, "epoch": epoch})
 
 
 # ---------------------------------------------------------------- P4-T6 / P4-T7 (from `neuromf evaluate`)
 
 
-def _result(evaluation: dict[str, Any], weights: str) -> Optional[dict[str, Any]]:
+def _result(evaluation: dict[str, Any], weights: str) -> dict[str, Any] | None:
     rows = sorted((r for r in evaluation.get("results", []) if r["weights"] == weights), key=lambda r: r["nfe"])
     return rows[0] if rows else None
 
 
-def check_ema_better(evaluation: Optional[dict[str, Any]], why_missing: str = "not evaluated") -> Check:
+def check_ema_better(evaluation: dict[str, Any] | None, why_missing: str = "not evaluated") -> Check:
     if not evaluation:
-        return Check("P4-T6", LOOK, f"{why_missing}: run `neuromf evaluate RUN_DIR` (or verify without --no-evaluate)", {})
+        return Check(
+            "P4-T6", LOOK, f"{why_missing}: run `neuromf evaluate RUN_DIR` (or verify without --no-evaluate)", {}
+        )
     ema, online = _result(evaluation, "ema"), _result(evaluation, "online")
     if ema is None or online is None or ema.get("fd") is None or online.get("fd") is None:
         return Check("P4-T6", LOOK, "the evaluation has no EMA/online FD pair", {})
@@ -201,20 +232,34 @@ def check_ema_better(evaluation: Optional[dict[str, Any]], why_missing: str = "n
     from neuromf.evaluation.evaluate import fd_label
 
     label = fd_label(evaluation)
-    text = (f"{label}, NFE {k}: FD(EMA) {ema['fd']:.4g} {'<' if better else '>='} FD(online) {online['fd']:.4g} "
-            f"(MMD² {ema['mmd2_mean']:.3g} vs {online['mmd2_mean']:.3g}) with N = {n} samples vs {evaluation['reference']} "
-            f"split, {Path(evaluation['checkpoint']).name} at epoch {evaluation['epoch']}")
+    text = (
+        f"{label}, NFE {k}: FD(EMA) {ema['fd']:.4g} {'<' if better else '>='} FD(online) {online['fd']:.4g} "
+        f"(MMD² {ema['mmd2_mean']:.3g} vs {online['mmd2_mean']:.3g}) with N = {n} samples vs {evaluation['reference']} "
+        f"split, {Path(evaluation['checkpoint']).name} at epoch {evaluation['epoch']}"
+    )
     if floor.get("fd") is not None:
         text += f"; real-vs-real FD at this N: {floor['fd']:.4g}"
     if n < 500:
         text += f" (P4-T6 asks for 500 samples; only {n} here)"
     fs = evaluation.get("feature_space") or {}
-    return Check("P4-T6", PASS if better else FAIL, text, {"nfe": k, "n": n, "fd_ema": ema["fd"], "fd_online": online["fd"],
-                                                           "fd_used": label, "features": fs.get("name"), "space": fs.get("space"),
-                                                           "comparable_with_literature": bool(fs.get("comparable_with_literature"))})
+    return Check(
+        "P4-T6",
+        PASS if better else FAIL,
+        text,
+        {
+            "nfe": k,
+            "n": n,
+            "fd_ema": ema["fd"],
+            "fd_online": online["fd"],
+            "fd_used": label,
+            "features": fs.get("name"),
+            "space": fs.get("space"),
+            "comparable_with_literature": bool(fs.get("comparable_with_literature")),
+        },
+    )
 
 
-def check_statistics(evaluation: Optional[dict[str, Any]], why_missing: str = "not evaluated") -> Check:
+def check_statistics(evaluation: dict[str, Any] | None, why_missing: str = "not evaluated") -> Check:
     if not evaluation:
         return Check("P4-T7", LOOK, f"{why_missing}: run `neuromf evaluate RUN_DIR`", {})
     ema, train = _result(evaluation, "ema"), evaluation.get("training_moments") or []
@@ -234,9 +279,11 @@ def check_statistics(evaluation: Optional[dict[str, Any]], why_missing: str = "n
         if dm + abs(math.log(max(sr, 1e-12))) > worst[1] + abs(math.log(max(worst[2], 1e-12))):
             worst = (str(c), dm, sr)
     overlap = min(ema.get("histogram_overlap") or [math.nan])
-    text = (f"EMA NFE {ema['nfe']} vs training latents: worst channel {worst[0] or 0} has its mean off by {worst[1]:.2f} "
-            f"training stds and std ratio {worst[2]:.2f} (PASS within {t['pass_mean']} and {t['pass_std'][0]}-{t['pass_std'][1]}, "
-            f"FAIL beyond {t['fail_mean']} or {t['fail_std'][0]}-{t['fail_std'][1]}); smallest histogram overlap {overlap:.2f}")
+    text = (
+        f"EMA NFE {ema['nfe']} vs training latents: worst channel {worst[0] or 0} has its mean off by {worst[1]:.2f} "
+        f"training stds and std ratio {worst[2]:.2f} (PASS within {t['pass_mean']} and {t['pass_std'][0]}-{t['pass_std'][1]}, "
+        f"FAIL beyond {t['fail_mean']} or {t['fail_std'][0]}-{t['fail_std'][1]}); smallest histogram overlap {overlap:.2f}"
+    )
     return Check("P4-T7", status, text, {"channels": rows, "nfe": ema["nfe"]})
 
 
@@ -251,8 +298,14 @@ def check_resume(records: list[dict[str, Any]], lambda_mf: float, log_every: int
     steps = [int(r["step"]) for r in train]
     resumes = [(m.group(1), int(m.group(2))) for r in records if (m := _RESUMED.match(str(r.get("event", ""))))]
     if not resumes:
-        return Check("P4-T8", LOOK, "no resume in this run's log; " + (checkpoint_note or "nothing to compare")
-                     + " (interrupt a run and continue it with `neuromf train SPEC --resume auto` to test)", {})
+        return Check(
+            "P4-T8",
+            LOOK,
+            "no resume in this run's log; "
+            + (checkpoint_note or "nothing to compare")
+            + " (interrupt a run and continue it with `neuromf train SPEC --resume auto` to test)",
+            {},
+        )
     found, status = [], PASS
     for source, step in resumes:
         before = [mse_of(r, lambda_mf) for r in train if int(r["step"]) <= step][-5:]
@@ -270,16 +323,29 @@ def check_resume(records: list[dict[str, Any]], lambda_mf: float, log_every: int
             item.update(mse_before=statistics.median(before), mse_after=statistics.median(after), ratio=ratio)
             ok_steps = step < first_after <= step + log_every
             ok_loss = ratio <= 2.0
-            item["verdict"] = "continuous" if ok_steps and ok_loss else (
-                f"step jumps to {first_after}" if not ok_steps else f"loss jumps x{ratio:.2f}")
+            item["verdict"] = (
+                "continuous"
+                if ok_steps and ok_loss
+                else (f"step jumps to {first_after}" if not ok_steps else f"loss jumps x{ratio:.2f}")
+            )
             if not (ok_steps and ok_loss):
                 status = FAIL
         found.append(item)
     monotonic = all(b > a for a, b in zip(steps, steps[1:]))
     if not monotonic:
         status = FAIL
-    parts = [f"step {i['step']} from {i['from']}: " + (
-        f"median MSE {i['mse_before']:.4g} before, {i['mse_after']:.4g} after (x{i['ratio']:.2f}), next logged step {i['first_step_after']}"
-        if "ratio" in i else i["verdict"]) for i in found]
-    text = f"{len(found)} resume(s): " + "; ".join(parts) + ("" if monotonic else "; logged steps are not strictly increasing")
+    parts = [
+        f"step {i['step']} from {i['from']}: "
+        + (
+            f"median MSE {i['mse_before']:.4g} before, {i['mse_after']:.4g} after (x{i['ratio']:.2f}), next logged step {i['first_step_after']}"
+            if "ratio" in i
+            else i["verdict"]
+        )
+        for i in found
+    ]
+    text = (
+        f"{len(found)} resume(s): "
+        + "; ".join(parts)
+        + ("" if monotonic else "; logged steps are not strictly increasing")
+    )
     return Check("P4-T8", status, text, {"resumes": found, "steps_increasing": monotonic})

@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,32 +48,38 @@ WEIGHTS: tuple[Literal["ema", "online"], ...] = ("ema", "online")
 class EvalOptions:
     """What `evaluate_checkpoint` compares; None means the documented default."""
 
-    n: Optional[int] = None  # samples per (weights, NFE) = reference latents; default min(reference, 500)
-    nfe: Optional[list[int]] = None  # default: the run-spec's sampling.nfe
+    n: int | None = None  # samples per (weights, NFE) = reference latents; default min(reference, 500)
+    nfe: list[int] | None = None  # default: the run-spec's sampling.nfe
     seed: int = 0
     reference: Literal["auto", "val", "test", "train"] = "auto"  # auto: test when the data has it, else val
-    batch_size: Optional[int] = None  # default: training.micro_batch_size
+    batch_size: int | None = None  # default: training.micro_batch_size
     n_train_stats: int = 256  # training latents for the P4-T7 statistics
     device: str = "auto"
     progress: bool = True
     features: FeatureSpec = field(default_factory=lambda: DEFAULT_FEATURES)  # the pooled statistics
     extractor: str = "pooled"  # pooled | medicalnet3d | radimagenet2p5d
-    weights_file: Optional[Path] = None  # the extractor's weights
-    space: Optional[str] = None  # image | latent; default image for extractors, latent for pooled
+    weights_file: Path | None = None  # the extractor's weights
+    space: str | None = None  # image | latent; default image for extractors, latent for pooled
     diversity_samples: int = 16  # volumes per set for the MS-SSIM diversity (image space)
     which: tuple[str, ...] = ("ema", "online")
     histograms: bool = True
     train_floor: bool = True  # also the training-vs-reference floor (decodes N more volumes in image space)
 
     @classmethod
-    def from_spec(cls, spec: Any, **overrides: Any) -> "EvalOptions":
+    def from_spec(cls, spec: Any, **overrides: Any) -> EvalOptions:
         """Options with the run-spec's evaluation section as the defaults."""
         e = spec.evaluation
-        base = dict(n=e.n, extractor=e.features, weights_file=e.weights, space=e.resolved_space, diversity_samples=e.diversity_samples)
+        base = dict(
+            n=e.n,
+            extractor=e.features,
+            weights_file=e.weights,
+            space=e.resolved_space,
+            diversity_samples=e.diversity_samples,
+        )
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[Path]) -> dict[str, Any]:
+def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Path | None) -> dict[str, Any]:
     """Run the comparison, write `<out_dir>/evaluation.json` and `latent_histograms.png` (unless out_dir is None)."""
     from neuromf.device import resolve_device
     from neuromf.evaluation.featurize import open_featurizer
@@ -87,8 +94,14 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, options: EvalOptions, out_dir:
         return _evaluate(loaded, options, out_dir, featurizer, nfes, device)
 
 
-def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[Path], featurizer: Any, nfes: list[int],
-              device: torch.device) -> dict[str, Any]:
+def _evaluate(
+    loaded: LoadedCheckpoint,
+    options: EvalOptions,
+    out_dir: Path | None,
+    featurizer: Any,
+    nfes: list[int],
+    device: torch.device,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     from neuromf.atomic import atomic_write_text
@@ -116,12 +129,16 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
         if n > have:
             raise UserError(
                 f"--n {n}: larger than possible; the {split_name} split has {have} latents to compare with "
-                "(FD and MMD compare sets of equal size)" + ("; use a smaller --n or --reference train" if which != "train" else "")
+                "(FD and MMD compare sets of equal size)"
+                + ("; use a smaller --n or --reference train" if which != "train" else "")
             )
         if options.progress:
             if options.reference == "auto" and which == "val" and data.test_names:
-                print(f"reference: the test split has {len(data.test_names)} latent(s), too few; using the validation split",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"reference: the test split has {len(data.test_names)} latent(s), too few; using the validation split",
+                    file=sys.stderr,
+                    flush=True,
+                )
             print(f"reference: {n} latents of the {split_name} split", file=sys.stderr, flush=True)
         if n < 2:
             raise UserError(f"--n {n}: FD and MMD need at least 2 samples (the reference split has {have})")
@@ -156,8 +173,11 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
     def compare(s: SetStats) -> dict[str, Any]:
         per_plane = {plane: frechet_distance_of_fits(*s.fits[plane].fit(), *ref_fits[plane]) for plane in ref_fits}
         mmd = mmd2_rbf(s.vectors(), ref_vectors, bandwidths)
-        out: dict[str, Any] = {"fd": float(np.mean(list(per_plane.values()))), "mmd2": list(mmd.values()),
-                               "mmd2_mean": float(np.mean(list(mmd.values())))}
+        out: dict[str, Any] = {
+            "fd": float(np.mean(list(per_plane.values()))),
+            "mmd2": list(mmd.values()),
+            "mmd2_mean": float(np.mean(list(mmd.values()))),
+        }
         if len(per_plane) > 1:
             out["fd_planes"] = per_plane
         return out
@@ -166,8 +186,16 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
     if floor_wanted and train.per_volume and train.vectors().shape[0] >= 2:
         floor = {"n": int(train.vectors().shape[0]), **compare(train)}
 
-    sets: dict[tuple[str, int], SetStats] = {(w, k): SetStats(edges, featurizer, keep) for w in options.which for k in nfes}
-    bar = tqdm(total=len(options.which) * math.ceil(n / bs), unit="batch", desc="generating", disable=not options.progress, file=sys.stderr)
+    sets: dict[tuple[str, int], SetStats] = {
+        (w, k): SetStats(edges, featurizer, keep) for w in options.which for k in nfes
+    }
+    bar = tqdm(
+        total=len(options.which) * math.ceil(n / bs),
+        unit="batch",
+        desc="generating",
+        disable=not options.progress,
+        file=sys.stderr,
+    )
     for weights in options.which:
         net = loaded.network(weights, device)  # type: ignore[arg-type]
         for _, by_nfe in generate_batches(spec, net, n, nfes, options.seed, bs, device):
@@ -185,17 +213,19 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
     for (weights, k), s in sets.items():
         moments = s.moments.result()
         ms = s.ms_ssim()
-        results.append({
-            "weights": weights,
-            "nfe": k,
-            **compare(s),
-            "ms_ssim": ms["mean"] if ms else None,
-            "diversity": s.diversity(),
-            "diversity_ratio": s.diversity() / ref_div if ref_div > 0 else math.nan,
-            "moments": moments,
-            "histogram_overlap": [histogram_overlap(s.counts[c], train.counts[c]) for c in range(len(moments))],
-            "fraction_outside_histogram": (s.outside / max(s.total, 1)).tolist(),
-        })
+        results.append(
+            {
+                "weights": weights,
+                "nfe": k,
+                **compare(s),
+                "ms_ssim": ms["mean"] if ms else None,
+                "diversity": s.diversity(),
+                "diversity_ratio": s.diversity() / ref_div if ref_div > 0 else math.nan,
+                "moments": moments,
+                "histogram_overlap": [histogram_overlap(s.counts[c], train.counts[c]) for c in range(len(moments))],
+                "fraction_outside_histogram": (s.outside / max(s.total, 1)).tolist(),
+            }
+        )
 
     by = {(r["weights"], r["nfe"]): r for r in results}
     info = featurizer.info()
@@ -220,7 +250,8 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
             "space": featurizer.space,
             "dim": int(ref_vectors.shape[1]),
             "planes": sorted(ref_fits),
-            "description": info["description"] + (f"; on {'decoded volumes' if featurizer.space == 'image' else 'normalised latents'}"),
+            "description": info["description"]
+            + (f"; on {'decoded volumes' if featurizer.space == 'image' else 'normalised latents'}"),
             "comparable_with_literature": info["comparable_with_literature"],
         },
         "mmd_bandwidths": bandwidths,
@@ -232,7 +263,9 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
         "normalisation_stats": {"mean": mean.tolist(), "std": std.tolist()},
         "training_moments": train.moments.result(),
         "results": results,
-        "ema_better_fd": {str(k): by[("ema", k)]["fd"] < by[("online", k)]["fd"] for k in nfes} if len(options.which) == 2 else None,
+        "ema_better_fd": {str(k): by[("ema", k)]["fd"] < by[("online", k)]["fd"] for k in nfes}
+        if len(options.which) == 2
+        else None,
         "files": {},
     }
     if out_dir is not None:
@@ -240,13 +273,19 @@ def _evaluate(loaded: LoadedCheckpoint, options: EvalOptions, out_dir: Optional[
         out_dir.mkdir(parents=True, exist_ok=True)
         if options.histograms:
             summary["files"]["histograms"] = _write_histograms(
-                out_dir / "latent_histograms.png", edges, train_density, sets, nfes, loaded, options.which).name
+                out_dir / "latent_histograms.png", edges, train_density, sets, nfes, loaded, options.which
+            ).name
         atomic_write_text(out_dir / "evaluation.json", to_json(summary))
     return summary
 
 
 def _write_histograms(
-    path: Path, edges: np.ndarray, train_density: np.ndarray, sets: dict, nfes: Sequence[int], loaded: LoadedCheckpoint,
+    path: Path,
+    edges: np.ndarray,
+    train_density: np.ndarray,
+    sets: dict,
+    nfes: Sequence[int],
+    loaded: LoadedCheckpoint,
     which: Sequence[str] = WEIGHTS,
 ) -> Path:
     from neuromf.evaluation.plots import COLORS, GREY, Series, histogram_grid, save_png
@@ -278,7 +317,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['name']}: {Path(summary['checkpoint']).name} (step {summary['global_step']}, epoch {summary['epoch']}), "
         f"N = {summary['n']} vs {summary['reference']} split, {fd_label(summary)} ({fs['dim']} dims per volume)",
-        f"{'weights':8} {'NFE':>4} {'FD':>10} " + "".join(f"{'FD ' + p:>10} " for p in planes)
+        f"{'weights':8} {'NFE':>4} {'FD':>10} "
+        + "".join(f"{'FD ' + p:>10} " for p in planes)
         + f"{'MMD2 mean':>10} {'MS-SSIM':>8} {'diversity':>10} {'div/real':>9}",
     ]
 
@@ -286,13 +326,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         return f"{v:>{width}{fmt}}" if isinstance(v, (int, float)) and math.isfinite(v) else f"{'-':>{width}}"
 
     for r in summary["results"]:
-        lines.append(f"{r['weights']:8} {r['nfe']:>4} {num(r['fd'], 10)} " + "".join(f"{num(r['fd_planes'][p], 10)} " for p in planes)
-                     + f"{num(r['mmd2_mean'], 10)} {num(r.get('ms_ssim'), 8, '.3f')} {num(r['diversity'], 10)} {num(r['diversity_ratio'], 9, '.3f')}")
+        lines.append(
+            f"{r['weights']:8} {r['nfe']:>4} {num(r['fd'], 10)} "
+            + "".join(f"{num(r['fd_planes'][p], 10)} " for p in planes)
+            + f"{num(r['mmd2_mean'], 10)} {num(r.get('ms_ssim'), 8, '.3f')} {num(r['diversity'], 10)} {num(r['diversity_ratio'], 9, '.3f')}"
+        )
     floor = summary.get("reference_floor")
     if floor:
-        lines.append(f"{'real':8} {'-':>4} {num(floor['fd'], 10)} " + "".join(f"{num(floor['fd_planes'][p], 10)} " for p in planes)
-                     + f"{num(floor['mmd2_mean'], 10)} {num(summary.get('reference_ms_ssim'), 8, '.3f')}"
-                     f"   (training vs {summary['reference']}, N = {floor['n']}; MS-SSIM of real volumes)")
+        lines.append(
+            f"{'real':8} {'-':>4} {num(floor['fd'], 10)} "
+            + "".join(f"{num(floor['fd_planes'][p], 10)} " for p in planes)
+            + f"{num(floor['mmd2_mean'], 10)} {num(summary.get('reference_ms_ssim'), 8, '.3f')}"
+            f"   (training vs {summary['reference']}, N = {floor['n']}; MS-SSIM of real volumes)"
+        )
     for k, better in (summary.get("ema_better_fd") or {}).items():
         lines.append(f"NFE {k}: FD(EMA) {'<' if better else '>='} FD(online)")
     return "\n".join(lines)

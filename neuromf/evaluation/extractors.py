@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,15 @@ from torch import Tensor, nn
 from neuromf.errors import UserError
 from neuromf.model.state_fit import load_fitting
 
-__all__ = ["Extractor", "ExtractorKind", "KerasResNet", "load_extractor", "sha256_of", "medicalnet_state", "build_medicalnet"]
+__all__ = [
+    "Extractor",
+    "ExtractorKind",
+    "KerasResNet",
+    "load_extractor",
+    "sha256_of",
+    "medicalnet_state",
+    "build_medicalnet",
+]
 
 ExtractorKind = Literal["medicalnet3d", "radimagenet2p5d"]
 
@@ -87,7 +96,9 @@ class KerasResNet(nn.Module):
     forward returns the last feature map (B, 4 * planes[-1], h, w), as the hub model does.
     """
 
-    def __init__(self, stem: int = 64, planes: tuple[int, ...] = (64, 128, 256, 512), blocks: tuple[int, ...] = (3, 4, 6, 3)) -> None:
+    def __init__(
+        self, stem: int = 64, planes: tuple[int, ...] = (64, 128, 256, 512), blocks: tuple[int, ...] = (3, 4, 6, 3)
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=True)
         self.bn1 = nn.BatchNorm2d(stem, eps=1.001e-5)
@@ -98,7 +109,9 @@ class KerasResNet(nn.Module):
             stride = 1 if i == 0 else 2
             down = None
             if stride != 1 or inplanes != p * 4:
-                down = nn.Sequential(nn.Conv2d(inplanes, p * 4, 1, stride=stride, bias=True), nn.BatchNorm2d(p * 4, eps=1.001e-5))
+                down = nn.Sequential(
+                    nn.Conv2d(inplanes, p * 4, 1, stride=stride, bias=True), nn.BatchNorm2d(p * 4, eps=1.001e-5)
+                )
             layer = [KerasBottleneck(inplanes, p, stride, down)] + [KerasBottleneck(p * 4, p) for _ in range(1, n)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
             inplanes = p * 4
@@ -125,7 +138,9 @@ def _layer_shape(state: Mapping[str, Tensor]) -> tuple[list[int], list[int], boo
     return blocks, planes, "layer1.0.conv3.weight" in state
 
 
-def build_medicalnet(blocks: list[int], planes: list[int], bottleneck: bool, shortcut: str = "B", bias_downsample: bool = False) -> nn.Module:
+def build_medicalnet(
+    blocks: list[int], planes: list[int], bottleneck: bool, shortcut: str = "B", bias_downsample: bool = False
+) -> nn.Module:
     """MONAI's 3D ResNet in MedicalNet's configuration (see the module docstring), random weights.
 
     shortcut "B" (a 1x1x1 convolution + BatchNorm: MedicalNet 10, 50 and deeper) or "A" (pooling and zero
@@ -137,8 +152,15 @@ def build_medicalnet(blocks: list[int], planes: list[int], bottleneck: bool, sho
     from monai.networks.nets.resnet import ResNet
 
     net = ResNet(
-        block="bottleneck" if bottleneck else "basic", layers=blocks, block_inplanes=planes, spatial_dims=3,
-        n_input_channels=1, conv1_t_size=7, conv1_t_stride=2, shortcut_type=shortcut, feed_forward=False,
+        block="bottleneck" if bottleneck else "basic",
+        layers=blocks,
+        block_inplanes=planes,
+        spatial_dims=3,
+        n_input_channels=1,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        shortcut_type=shortcut,
+        feed_forward=False,
         bias_downsample=bias_downsample,
     )
     for name, dilation in (("layer3", 2), ("layer4", 4)):  # MedicalNet: stride 1 and dilation instead of stride 2
@@ -219,7 +241,9 @@ def load_extractor(kind: ExtractorKind, path: Path, device: torch.device | str =
     elif kind == "radimagenet2p5d":
         what = "RadImageNet ResNet50 (Warvito/radimagenet-models layout: 'conv1.weight', 'conv1.bias', 'layer1.0.conv1.bias', ...)"
         if not isinstance(obj, Mapping):
-            raise UserError(f"--weights {path}: does not fit the {what}: the file holds a {type(obj).__name__}, not a state dict")
+            raise UserError(
+                f"--weights {path}: does not fit the {what}: the file holds a {type(obj).__name__}, not a state dict"
+            )
         state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
         try:
             blocks, planes, _ = _layer_shape(state)

@@ -74,7 +74,9 @@ def latent_features(x: torch.Tensor, spec: FeatureSpec = DEFAULT_FEATURES) -> to
         raise ValueError(f"latents must be (B, C, D, H, W), got shape {tuple(x.shape)}")
     smallest = min(x.shape[2:])
     if max(spec.levels) * spec.grid > smallest:
-        raise ValueError(f"latents of side {smallest} are too small for pooling by {max(spec.levels)} on a {spec.grid}^3 grid")
+        raise ValueError(
+            f"latents of side {smallest} are too small for pooling by {max(spec.levels)} on a {spec.grid}^3 grid"
+        )
     x = x.detach().to(device="cpu", dtype=torch.float64)
     means, _ = _cell_mean_std(x, spec.grid)
     blocks = [means]

@@ -7,10 +7,11 @@ channel 0 of the de-normalised latent, the T1 volume, as the sample previews sho
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ class Featurizer:
     space: str  # image | latent
     device: torch.device
     extractor: Any = None  # extractors.Extractor
-    vae: Optional[nn.Module] = None
+    vae: nn.Module | None = None
     pooled: FeatureSpec = field(default_factory=lambda: DEFAULT_FEATURES)
 
     def images(self, normalised: Tensor, raw: Tensor) -> Tensor:
@@ -74,7 +75,7 @@ class Featurizer:
 
 @contextmanager
 def open_featurizer(
-    spec: RunSpec, kind: str, weights: Optional[Path], space: str, device: torch.device
+    spec: RunSpec, kind: str, weights: Path | None, space: str, device: torch.device
 ) -> Iterator[Featurizer]:
     """`with open_featurizer(...) as f:` the extractor and (image space, MAISI decoder) the VAE, freed on exit."""
     from neuromf.evaluation.extractors import load_extractor

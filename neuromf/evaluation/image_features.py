@@ -17,7 +17,7 @@ volumes; FID is computed per plane and the three are averaged.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,7 +163,12 @@ class MomentAccumulator:
             kurt = np.where(m2 > 0, m4 / m2**2 - 3.0, 0.0)
         mean = self.shift + e1
         return [
-            {"mean": float(mean[c]), "std": float(np.sqrt(m2[c])), "skewness": float(skew[c]), "kurtosis": float(kurt[c])}
+            {
+                "mean": float(mean[c]),
+                "std": float(np.sqrt(m2[c])),
+                "skewness": float(skew[c]),
+                "kurtosis": float(kurt[c]),
+            }
             for c in range(mean.shape[0])
         ]
 
@@ -198,6 +204,7 @@ def ms_ssim_settings(side: int, kernel_size: int = 11) -> tuple[int, tuple[float
     large as the kernel; small volumes get fewer scales (weights renormalised to sum 1) and, below that, a
     smaller odd kernel.
     """
+
     def fits(scales: int, k: int) -> bool:
         return side // max(1, scales - 1) ** 2 > k - 1 and side // 2 ** (scales - 1) >= k
 
@@ -232,4 +239,9 @@ def ms_ssim_diversity(volumes: torch.Tensor, kernel_size: int = 11) -> dict[str,
     for start in range(0, i.numel(), 8):
         a, c = v[i[start : start + 8]], v[j[start : start + 8]]
         values.append(compute_ms_ssim(a, c, spatial_dims=3, data_range=1.0, kernel_size=k, weights=weights).flatten())
-    return {"mean": float(torch.cat(values).double().mean()), "pairs": int(i.numel()), "kernel_size": k, "weights": list(weights)}
+    return {
+        "mean": float(torch.cat(values).double().mean()),
+        "pairs": int(i.numel()),
+        "kernel_size": k,
+        "weights": list(weights),
+    }

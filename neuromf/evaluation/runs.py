@@ -21,7 +21,15 @@ from neuromf.spec.schema import RunSpec
 
 Weights = Literal["ema", "online"]
 
-__all__ = ["LoadedCheckpoint", "Weights", "find_checkpoint", "is_run_dir", "latent_stats_for", "load_for_eval", "read_log"]
+__all__ = [
+    "LoadedCheckpoint",
+    "Weights",
+    "find_checkpoint",
+    "is_run_dir",
+    "latent_stats_for",
+    "load_for_eval",
+    "read_log",
+]
 
 # evaluate/verify use the best EMA checkpoint when there is one, else the newest state of the run.
 _PREFERENCE = ("best.pt", "latest.pt", "latest.prev.pt")
@@ -50,8 +58,13 @@ class LoadedCheckpoint:
         from neuromf.model.unet import build_network
 
         net = build_network(self.spec.model)
-        load_fitting(net, self.state["model_state_dict"], f"{self.path}: model_state_dict", "the network of its run-spec",
-                     hint="the checkpoint does not match its own model section (made by an incompatible version?)")
+        load_fitting(
+            net,
+            self.state["model_state_dict"],
+            f"{self.path}: model_state_dict",
+            "the network of its run-spec",
+            hint="the checkpoint does not match its own model section (made by an incompatible version?)",
+        )
         if weights == "ema":
             ema = self.state.get("ema_state_dict")
             if not isinstance(ema, dict):
@@ -64,9 +77,7 @@ class LoadedCheckpoint:
 def is_run_dir(path: Path) -> bool:
     """A run folder has a training log or a checkpoints/ folder with at least one .pt file."""
     path = Path(path)
-    return path.is_dir() and (
-        (path / "training_log.jsonl").is_file() or any((path / "checkpoints").glob("*.pt"))
-    )
+    return path.is_dir() and ((path / "training_log.jsonl").is_file() or any((path / "checkpoints").glob("*.pt")))
 
 
 def find_checkpoint(target: Path) -> tuple[Path, Path]:
@@ -109,8 +120,10 @@ def load_for_eval(target: Path, map_location: str | torch.device = "cpu") -> Loa
     try:
         spec = RunSpec.model_validate(upgrade_saved_config(config))
     except ValidationError as e:
-        problems = [f"{path}: its run-spec does not validate with this version: {'.'.join(map(str, err['loc']))}: {err['msg']}"
-                    for err in e.errors()]
+        problems = [
+            f"{path}: its run-spec does not validate with this version: {'.'.join(map(str, err['loc']))}: {err['msg']}"
+            for err in e.errors()
+        ]
         raise UserError(*problems) from None
     _follow_moved_run(spec, run_dir.resolve())
     loaded = LoadedCheckpoint(path=path, run_dir=run_dir, spec=spec, state=state)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import io
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def write_samples(
     nfes: Sequence[int],
     weights: Weights = "ema",
     seed: int = 0,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     device: torch.device | str = "cpu",
     grid_n: int = GRID_N,
     save_volumes: bool = True,
@@ -117,10 +118,20 @@ def write_samples(
         volume_grid(torch.cat(grid[k])).save(buffer, format="PNG")
         atomic_write_bytes(paths[k]["grid"], buffer.getvalue())
     info: dict[str, Any] = {
-        "checkpoint": str(loaded.path.resolve()), "name": spec.name, "global_step": loaded.global_step,
-        "epoch": loaded.epoch, "weights": weights, "nfe": list(nfes), "n": n, "seed": seed,
-        "decoder": spec.vae.decoder, "device": str(device), "seconds": round(time.time() - started, 1),
-        "files": {labels[k]: {key: p.name for key, p in paths[k].items() if not key.startswith("sample_")} for k in nfes},
+        "checkpoint": str(loaded.path.resolve()),
+        "name": spec.name,
+        "global_step": loaded.global_step,
+        "epoch": loaded.epoch,
+        "weights": weights,
+        "nfe": list(nfes),
+        "n": n,
+        "seed": seed,
+        "decoder": spec.vae.decoder,
+        "device": str(device),
+        "seconds": round(time.time() - started, 1),
+        "files": {
+            labels[k]: {key: p.name for key, p in paths[k].items() if not key.startswith("sample_")} for k in nfes
+        },
     }
     atomic_write_text(out_dir / "sample_info.json", to_json(info))
     return {labels[k]: paths[k] for k in nfes}

@@ -8,7 +8,8 @@ diversity) and, in image space, the first volumes (for the MS-SSIM diversity).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class SetStats:
         self.volumes: list[torch.Tensor] = []
         self.volumes_kept = 0
 
-    def add(self, normalised: torch.Tensor, raw: torch.Tensor, feature_rows: Optional[int] = None) -> None:
+    def add(self, normalised: torch.Tensor, raw: torch.Tensor, feature_rows: int | None = None) -> None:
         """Add a batch; features of its first `feature_rows` latents only (all by default, none with 0)."""
         rows_wanted = normalised.shape[0] if feature_rows is None else min(feature_rows, normalised.shape[0])
         if rows_wanted > 0:
@@ -73,7 +74,7 @@ class SetStats:
     def diversity(self) -> float:
         return mean_pairwise_distance(torch.cat(self.keep)) if self.keep else math.nan
 
-    def ms_ssim(self) -> Optional[dict[str, Any]]:
+    def ms_ssim(self) -> dict[str, Any] | None:
         from neuromf.evaluation.metrics import ms_ssim_diversity
 
         return ms_ssim_diversity(torch.cat(self.volumes).float()) if self.volumes_kept >= 2 else None

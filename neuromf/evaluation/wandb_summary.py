@@ -8,15 +8,18 @@ the run's last step, and wandb drops values logged at earlier steps.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["evaluation_metrics", "send_to_wandb"]
 
 
 def evaluation_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """Flat 'evaluate/...' numbers of an evaluation summary."""
-    out: dict[str, Any] = {"evaluate/n": summary["n"], "evaluate/step": summary["global_step"],
-                           "evaluate/features": f"{summary['feature_space']['name']} ({summary['feature_space']['space']} space)"}
+    out: dict[str, Any] = {
+        "evaluate/n": summary["n"],
+        "evaluate/step": summary["global_step"],
+        "evaluate/features": f"{summary['feature_space']['name']} ({summary['feature_space']['space']} space)",
+    }
     for r in summary["results"]:
         tag = f"{r['weights']}_nfe{r['nfe']}"
         out[f"evaluate/fid_{tag}"] = r["fd"]
@@ -31,7 +34,7 @@ def evaluation_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def send_to_wandb(spec: Any, run_dir: Path, summary: dict[str, Any]) -> Optional[str]:
+def send_to_wandb(spec: Any, run_dir: Path, summary: dict[str, Any]) -> str | None:
     """Put the numbers into the run's wandb summary; returns what happened in words (None: wandb is off)."""
     if not spec.logging.wandb or spec.logging.wandb_mode == "disabled":
         return None
@@ -40,8 +43,14 @@ def send_to_wandb(spec: Any, run_dir: Path, summary: dict[str, Any]) -> Optional
         return f"not sent to wandb: {id_file} is missing (the run never started wandb)"
     import wandb
 
-    run = wandb.init(project=spec.logging.wandb_project, name=spec.name, id=id_file.read_text().strip(), resume="allow",
-                     dir=str(run_dir), mode=spec.logging.wandb_mode)
+    run = wandb.init(
+        project=spec.logging.wandb_project,
+        name=spec.name,
+        id=id_file.read_text().strip(),
+        resume="allow",
+        dir=str(run_dir),
+        mode=spec.logging.wandb_mode,
+    )
     try:
         run.summary.update(evaluation_metrics(summary))
     finally:

@@ -25,7 +25,8 @@ the loss, the weights and the reductions are fp32 (fp64 if z0 is fp64, for tests
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ class MeanFlowLoss:
 
     # -- the average velocity and its time derivative ----------------------------------------
     def u(
-        self, net: Net, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor, autocast_dtype: Optional[torch.dtype] = None
+        self, net: Net, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor, autocast_dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """u(z, t, h) in z's dtype; only the network call is under autocast."""
         with torch.autocast(z.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -81,7 +82,7 @@ class MeanFlowLoss:
         t: torch.Tensor,
         h: torch.Tensor,
         v: torch.Tensor,
-        autocast_dtype: Optional[torch.dtype] = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Exact d/dt u(z_t, t, r) with r fixed: the JVP along (v, 1, 1) in (z, t, h); builds no graph."""
         ones = torch.ones_like(t)
@@ -109,8 +110,8 @@ class MeanFlowLoss:
         t: torch.Tensor,
         r: torch.Tensor,
         *,
-        grad_net: Optional[Net] = None,
-        autocast_dtype: Optional[torch.dtype] = None,
+        grad_net: Net | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss for given noise and times (no randomness here: the part to torch.compile)."""
         grad_net = net if grad_net is None else grad_net
@@ -152,8 +153,8 @@ class MeanFlowLoss:
         z0: torch.Tensor,
         generator: torch.Generator,
         *,
-        grad_net: Optional[Net] = None,
-        autocast_dtype: Optional[torch.dtype] = None,
+        grad_net: Net | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """Draw (e, t, r) from `generator` and return the loss terms (loss_total is differentiable)."""
         e, t, r = self.draw(z0, generator)

@@ -10,7 +10,7 @@ EMA weights alike and is deterministic given the noise.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -22,7 +22,7 @@ __all__ = ["sample", "sample_for_run"]
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _call(net: Net, z: torch.Tensor, t: float, h: float, dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _call(net: Net, z: torch.Tensor, t: float, h: float, dtype: torch.dtype | None) -> torch.Tensor:
     """net(z, t, h) for scalar t, h broadcast to the batch; output in z's dtype."""
     tt = torch.full((z.shape[0],), t, dtype=z.dtype, device=z.device)
     hh = torch.full((z.shape[0],), h, dtype=z.dtype, device=z.device)
@@ -31,8 +31,9 @@ def _call(net: Net, z: torch.Tensor, t: float, h: float, dtype: Optional[torch.d
     return out.to(z.dtype)
 
 
-def _walk(net: Net, noise: torch.Tensor, nfe: int, prediction_type: str, floor: float,
-          dtype: Optional[torch.dtype]) -> torch.Tensor:
+def _walk(
+    net: Net, noise: torch.Tensor, nfe: int, prediction_type: str, floor: float, dtype: torch.dtype | None
+) -> torch.Tensor:
     """One batch from t = 1 to t = 0 in `nfe` steps."""
     z = noise.to(torch.promote_types(noise.dtype, torch.float32))
     if nfe == 1:  # exactly one call; with x-prediction its output IS the sample
@@ -54,8 +55,8 @@ def sample(
     *,
     prediction_type: str = "x",
     denominator_floor: float = 0.05,
-    autocast_dtype: Optional[torch.dtype] = None,
-    batch_size: Optional[int] = None,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Samples from `noise` (n, C, D, H, W) in `nfe` steps, `batch_size` at a time; float32, on noise's device."""
     if nfe < 1:

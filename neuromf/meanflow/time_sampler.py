@@ -9,7 +9,6 @@ Python int known before any data is seen (static shapes for torch.compile).
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 
@@ -30,7 +29,7 @@ def sample_time_pairs(
     batch: int,
     spec: TimeSamplingSpec,
     generator: torch.Generator,
-    device: Union[torch.device, str, None] = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, r), each float32 of shape (batch,), with t >= r >= spec.t_min and r = t on the first block.
 

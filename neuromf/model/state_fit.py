@@ -35,16 +35,20 @@ def _mismatch(expected: Mapping[str, Any], state: Mapping[str, Any], *, allow_mi
     """
     missing = [] if allow_missing else sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-                   for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    )
     parts = [f"missing {_count(len(missing))} ({_listed(missing)})"] if missing else []
     parts += [f"unexpected {_count(len(unexpected))} ({_listed(unexpected)})"] if unexpected else []
     parts += [f"{_count(len(wrong))} of the wrong shape, file vs network ({_listed(wrong)})"] if wrong else []
     return "; ".join(parts)
 
 
-def load_fitting(net: nn.Module, state: Mapping[str, Any], source: str, target: str, *, hint: str = "",
-                 allow_missing: bool = False) -> None:
+def load_fitting(
+    net: nn.Module, state: Mapping[str, Any], source: str, target: str, *, hint: str = "", allow_missing: bool = False
+) -> None:
     """Load `state` into `net` (strict unless allow_missing), or raise one UserError line:
     '<source> does not fit <target>: missing ...; unexpected ...; ... of the wrong shape ...[; <hint>]'."""
     problem = _mismatch(net.state_dict(), state, allow_missing=allow_missing)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,9 +127,7 @@ class MeanFlowUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if t.shape != (x.shape[0],) or h.shape != (x.shape[0],):
-            raise ValueError(
-                f"t and h must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(h.shape)}"
-            )
+            raise ValueError(f"t and h must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(h.shape)}")
         unet = self.unet
         emb = self.embedding(t, h, x.dtype)
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -235,7 +232,7 @@ def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def perturb_zero_init(net: nn.Module, std: float = 0.02, generator: Optional[torch.Generator] = None) -> None:
+def perturb_zero_init(net: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Give every all-zero weight/bias small random values (for tests and diagnostics only).
 
     MONAI zero-initialises each ResBlock's second conv, the attention output convs and the output

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from neuromf.spec.schema import VAESpec
 
 log = logging.getLogger(__name__)
 
-Device = Union[torch.device, str]
+Device = torch.device | str
 
 # Keys under which checkpoints of MAISI and of common trainers keep the weights.
 _STATE_DICT_KEYS = ("unet_state_dict", "state_dict", "autoencoder_state_dict", "model_state_dict")
@@ -101,7 +101,9 @@ def _read_weights_file(weights: Path) -> Any:
         # Only a refused global means "valid file with extra Python objects"; other unpickling errors mean garbage.
         refused = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
         if not refused:
-            raise UserError(f"paths.vae_weights: {weights} is not a readable torch file (corrupt or not a checkpoint)") from None
+            raise UserError(
+                f"paths.vae_weights: {weights} is not a readable torch file (corrupt or not a checkpoint)"
+            ) from None
         log.warning(
             "%s holds Python objects beyond tensors, so weights_only=True refused it (%s); "
             "loading it with weights_only=False because the run-spec names it as trusted VAE weights",
@@ -149,8 +151,13 @@ def load_vae(spec: VAESpec, weights: Path, device: Device) -> nn.Module:
     weights = Path(weights)
     state = _extract_state_dict(_read_weights_file(weights), weights)
     vae = build_vae(spec)
-    load_fitting(vae, state, f"paths.vae_weights: {weights}", "the VAE",
-                 hint="check vae.num_channels, num_res_blocks, latent_channels and norm_num_groups against the weights")
+    load_fitting(
+        vae,
+        state,
+        f"paths.vae_weights: {weights}",
+        "the VAE",
+        hint="check vae.num_channels, num_res_blocks, latent_channels and norm_num_groups against the weights",
+    )
     vae.eval().requires_grad_(False)
     return vae.to(device)
 
@@ -168,7 +175,7 @@ def free_vae(vae: nn.Module) -> None:
 
 
 @contextmanager
-def loaded_vae(spec: VAESpec, weights: Optional[Path], device: Device) -> Iterator[nn.Module]:
+def loaded_vae(spec: VAESpec, weights: Path | None, device: Device) -> Iterator[nn.Module]:
     """`with loaded_vae(spec, weights, device) as vae:` - the VAE for one block of decodes, freed on exit."""
     if weights is None:
         raise UserError("paths.vae_weights: not set, but vae.decoder is 'maisi' (set it, or use vae.decoder: identity)")
@@ -182,7 +189,7 @@ def loaded_vae(spec: VAESpec, weights: Optional[Path], device: Device) -> Iterat
         del vae
 
 
-def decode_with(vae: nn.Module, latents: Tensor, spec: VAESpec, autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
+def decode_with(vae: nn.Module, latents: Tensor, spec: VAESpec, autocast_dtype: torch.dtype | None = None) -> Tensor:
     """Decode de-normalised latents (B, C, D, H, W) with a loaded VAE: CPU float32 (B, 1, X, Y, Z).
 
     One sample at a time (a 4x48^3 latent becomes a 192^3 volume; activations,
@@ -193,7 +200,10 @@ def decode_with(vae: nn.Module, latents: Tensor, spec: VAESpec, autocast_dtype: 
     device = next(vae.parameters()).device
     out = []
     enabled = autocast_dtype is not None
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+    with (
+        torch.no_grad(),
+        torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled),
+    ):
         for i in range(latents.shape[0]):
             z = latents[i : i + 1].to(device=device, dtype=torch.float32) / spec.scale_factor
             out.append(vae.decode(z).to(device="cpu", dtype=torch.float32))
@@ -202,7 +212,7 @@ def decode_with(vae: nn.Module, latents: Tensor, spec: VAESpec, autocast_dtype: 
 
 
 def decode_latents(
-    latents: Tensor, spec: VAESpec, weights: Optional[Path], device: Device, autocast_dtype: Optional[torch.dtype] = None
+    latents: Tensor, spec: VAESpec, weights: Path | None, device: Device, autocast_dtype: torch.dtype | None = None
 ) -> Tensor:
     """Decoded volumes (B, 1 or C, X, Y, Z), float32 on CPU, from DE-NORMALISED latents (B, C, D, H, W).
 
@@ -215,9 +225,13 @@ def decode_latents(
     if spec.decoder == "identity":
         return latents.detach().to(device="cpu", dtype=torch.float32)
     if latents.shape[1] != spec.latent_channels:
-        raise UserError(f"vae.latent_channels: {spec.latent_channels}, but the latents have {latents.shape[1]} channels")
+        raise UserError(
+            f"vae.latent_channels: {spec.latent_channels}, but the latents have {latents.shape[1]} channels"
+        )
     started = time.perf_counter()
     with loaded_vae(spec, weights, device) as vae:
         volumes = decode_with(vae, latents.detach(), spec, autocast_dtype)
-    log.info("decoded %d latents to %s in %.1f s", latents.shape[0], tuple(volumes.shape[1:]), time.perf_counter() - started)
+    log.info(
+        "decoded %d latents to %s in %.1f s", latents.shape[0], tuple(volumes.shape[1:]), time.perf_counter() - started
+    )
     return volumes

@@ -23,8 +23,9 @@ velocity x0 - e, not x0: the output head has to re-learn its target during fine-
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,9 @@ def fold_maisi_conditioning(
             hidden = F.silu(F.linear(s, layer["spacing_layer.0.weight"], layer["spacing_layer.0.bias"]))
             spacing_emb = F.linear(hidden, layer["spacing_layer.2.weight"], layer["spacing_layer.2.bias"])
         except (KeyError, RuntimeError) as err:
-            raise UserError(f"model.init_from: the checkpoint's spacing_layer is not MAISI's 3 -> D -> D MLP ({err})") from None
+            raise UserError(
+                f"model.init_from: the checkpoint's spacing_layer is not MAISI's 3 -> D -> D MLP ({err})"
+            ) from None
         act = F.silu(spacing_emb)
         for key in [k for k in state if k.endswith("time_emb_proj.weight")]:
             weight = state[key]
@@ -78,7 +81,7 @@ def fold_maisi_conditioning(
 
 def load_pretrained_backbone(
     net: MeanFlowUNet,
-    path: Union[str, Path],
+    path: str | Path,
     *,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     class_label: int = 9,
@@ -100,7 +103,9 @@ def load_pretrained_backbone(
         # must name a checkpoint you trust.
         ckpt: Any = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"model.init_from: {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+        raise UserError(
+            f"model.init_from: {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("unet_state_dict"), dict):
         found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"model.init_from: {path} has no 'unet_state_dict' (found {found})")
@@ -112,7 +117,10 @@ def load_pretrained_backbone(
         {k: torch.as_tensor(v) for k, v in ckpt["unet_state_dict"].items()}, embed_dim, spacing_mm, class_label
     )
     load_fitting(
-        net.unet, state, f"model.init_from: {path}", "the network that model.* describes",
+        net.unet,
+        state,
+        f"model.init_from: {path}",
+        "the network that model.* describes",
         hint="NV-Generate-MR has channels [64, 128, 256, 512], attention [false, false, true, true], num_head_channels "
         "[0, 0, 32, 32], num_res_blocks 2, norm_num_groups 32, resblock_updown true, in/out channels 4",
     )

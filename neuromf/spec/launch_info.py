@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
 
 from neuromf.errors import UserError
 from neuromf.spec.loader import load_runspec
@@ -37,7 +36,7 @@ def launch_info(spec: RunSpec, spec_path: Path) -> list[tuple[str, str]]:
         ("nodes", spec.hardware.nodes),
         ("gpus_per_node", spec.hardware.gpus_per_node),
     ]
-    reads: list[Optional[Path]] = [
+    reads: list[Path | None] = [
         spec_path.resolve().parent,
         spec.data.latent_dir,
         spec.data.shard and spec.data.shard.parent,
@@ -49,7 +48,7 @@ def launch_info(spec: RunSpec, spec_path: Path) -> list[tuple[str, str]]:
     return [(key, str(value)) for key, value in info]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neuromf.spec.launch_info", description=__doc__.split("\n")[0])
     parser.add_argument("spec", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -98,7 +99,9 @@ def parse_yaml(text: str) -> Any:
         try:
             node = loader.get_single_node()
         except RecursionError:
-            raise _TooBig(yaml.ScalarNode("", "", loader.get_mark(), loader.get_mark()), f"nesting deeper than {MAX_DEPTH} levels") from None
+            raise _TooBig(
+                yaml.ScalarNode("", "", loader.get_mark(), loader.get_mark()), f"nesting deeper than {MAX_DEPTH} levels"
+            ) from None
         if node is None:
             return None
         _check_size(node)
@@ -175,7 +178,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                problems.append(f"{'.'.join(parts[: depth + 1])}: --set {key} goes through a value that is not a mapping")
+                problems.append(
+                    f"{'.'.join(parts[: depth + 1])}: --set {key} goes through a value that is not a mapping"
+                )
                 break
             node = child
         else:
@@ -193,7 +198,7 @@ def expand_references(raw: dict[str, Any]) -> dict[str, Any]:
     problems: list[str] = []
     paths_section = raw.get("paths") if isinstance(raw.get("paths"), dict) else {}
 
-    def lookup(name: str, where: str, stack: tuple[str, ...]) -> Optional[str]:
+    def lookup(name: str, where: str, stack: tuple[str, ...]) -> str | None:
         if name.startswith("paths."):
             key = name[len("paths.") :]
             if key in stack:
@@ -233,7 +238,7 @@ def expand_references(raw: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation
 
 
-def _model_at(loc: tuple[Any, ...]) -> Optional[type[BaseModel]]:
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class that a location points into (for 'did you mean')."""
     model: type[BaseModel] = RunSpec
     for part in loc:
@@ -276,8 +281,10 @@ def format_validation_error(error: ValidationError) -> list[str]:
                 loc, msg = loc + tuple(m.group(1).split(".")), m.group(2)
                 if len(loc) > 1 and loc[0] == loc[1]:
                     loc = loc[1:]
-            if e["type"] not in {"value_error", "assertion_error"} and "input" in e and not isinstance(
-                e["input"], (dict, list)
+            if (
+                e["type"] not in {"value_error", "assertion_error"}
+                and "input" in e
+                and not isinstance(e["input"], (dict, list))
             ):
                 msg += f" (got {e['input']!r})"
         lines.append(f"{_dotted(loc) or 'run-spec'}: {msg}")

@@ -8,7 +8,7 @@ names are read as the new ones, so older runs still resume, sample and evaluate.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["RENAMED", "new_name", "upgrade_saved_config"]
 
@@ -18,7 +18,7 @@ RENAMED: dict[tuple[str, str], str] = {
 }
 
 
-def new_name(loc: tuple[Any, ...]) -> Optional[str]:
+def new_name(loc: tuple[Any, ...]) -> str | None:
     """'section.new_key' when `loc` is a renamed key of a run-spec, else None."""
     if len(loc) == 2 and (loc[0], loc[1]) in RENAMED:
         return f"{loc[0]}.{RENAMED[(loc[0], loc[1])]}"

@@ -9,7 +9,7 @@ a job.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -74,7 +74,7 @@ class ModelSpec(Section):
         description="Must stay 0: MONAI's MAISI UNet has dropout only on cross-attention layers, "
         "which this unconditional network does not have.",
     )
-    init_from: Optional[Path] = Field(
+    init_from: Path | None = Field(
         None, description="Warm start: NV-Generate-MR rectified-flow UNet checkpoint (diff_unet_3d_rflow-mr.pt)."
     )
     init_class_label: int = Field(
@@ -97,7 +97,7 @@ class ModelSpec(Section):
         return 2 ** (len(self.channels) - 1)
 
     @model_validator(mode="after")
-    def _check_architecture(self) -> "ModelSpec":
+    def _check_architecture(self) -> ModelSpec:
         n = len(self.channels)
         if len(self.attention_levels) != n:
             raise ValueError(
@@ -109,7 +109,9 @@ class ModelSpec(Section):
             )
         for i, c in enumerate(self.channels):
             if c % self.norm_num_groups:
-                raise ValueError(f"channels: {c} (level {i}) is not divisible by norm_num_groups = {self.norm_num_groups}")
+                raise ValueError(
+                    f"channels: {c} (level {i}) is not divisible by norm_num_groups = {self.norm_num_groups}"
+                )
         for i, (attn, head) in enumerate(zip(self.attention_levels, self.num_head_channels)):
             if attn and head <= 0:
                 raise ValueError(f"num_head_channels: level {i} has attention, so its head channels must be > 0")
@@ -119,8 +121,10 @@ class ModelSpec(Section):
                 )
         if self.num_head_channels[-1] <= 0 or self.channels[-1] % self.num_head_channels[-1]:
             # MONAI's middle block always has self-attention, with the last level's head channels.
-            raise ValueError(f"num_head_channels: the last level's entry ({self.num_head_channels[-1]}) must be > 0 "
-                             f"and divide its channels ({self.channels[-1]}): the middle block always has attention")
+            raise ValueError(
+                f"num_head_channels: the last level's entry ({self.num_head_channels[-1]}) must be > 0 "
+                f"and divide its channels ({self.channels[-1]}): the middle block always has attention"
+            )
         for axis, size in zip("DHW", self.spatial_size):
             if size < 1 or size % self.downsampling:
                 raise ValueError(
@@ -147,8 +151,12 @@ class MeanFlowSpec(Section):
     """The iMF loss (docs/design.md, 'The method')."""
 
     denominator_floor: float = Field(
-        0.05, gt=0, lt=1, description="Floor of t in u = (z_t - x_hat) / max(t, denominator_floor), in training and in "
-        "multi-step sampling (formerly meanflow.t_min; unrelated to time_sampling.t_min).")
+        0.05,
+        gt=0,
+        lt=1,
+        description="Floor of t in u = (z_t - x_hat) / max(t, denominator_floor), in training and in "
+        "multi-step sampling (formerly meanflow.t_min; unrelated to time_sampling.t_min).",
+    )
     norm_eps: float = Field(0.01, gt=0, description="Adaptive weight w = 1 / (l + norm_eps)^norm_p.")
     loss_norm: float = Field(2.0, gt=0, description="p in the per-sample loss sum |Delta|^p.")
     norm_p: float = Field(1.0, ge=0, description="Power of the adaptive weight (0 turns it off).")
@@ -177,22 +185,37 @@ class TrainingSpec(Section):
     warmup_steps: int = Field(5000, ge=0, description="Linear warmup, in optimizer steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
     max_epochs: int = Field(500, ge=1)
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(24, ge=1, description="Latents per optimizer step, all micro-batches of all GPUs together "
-                            "(the global batch; each GPU gets batch_size / GPUs).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(
+        24,
+        ge=1,
+        description="Latents per optimizer step, all micro-batches of all GPUs together "
+        "(the global batch; each GPU gets batch_size / GPUs).",
+    )
     accumulate_grad_batches: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Network autocast dtype. fp16 is not offered: it gives NaN.")
-    grad_clip: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm (None: no clipping).")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="Network autocast dtype. fp16 is not offered: it gives NaN."
+    )
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (None: no clipping).")
     compile: bool = Field(True, description="torch.compile the training step (falls back to eager if it fails).")
-    fold_zero_tangents: bool = Field(True, description="With compile: drop the JVP's convolutions/matmuls with an "
-                                     "all-zero weight tangent (exact; a third of the JVP's FLOPs). Off only to debug.")
+    fold_zero_tangents: bool = Field(
+        True,
+        description="With compile: drop the JVP's convolutions/matmuls with an "
+        "all-zero weight tangent (exact; a third of the JVP's FLOPs). Off only to debug.",
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
-        "default", description="torch.compile mode of the step: reduce-overhead replays it as CUDA graphs (GPU); "
-        "max-autotune* benchmark kernels while compiling (slower compile).")
+        "default",
+        description="torch.compile mode of the step: reduce-overhead replays it as CUDA graphs (GPU); "
+        "max-autotune* benchmark kernels while compiling (slower compile).",
+    )
     gradient_checkpointing: bool = Field(False, description="Checkpoint activations of the gradient pass.")
     seed: int = 42
-    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower; for exact resume tests).")
-    max_bad_steps: int = Field(10, ge=1, description="Stop after this many consecutive steps with NaN/Inf loss or grads.")
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms (slower; for exact resume tests)."
+    )
+    max_bad_steps: int = Field(
+        10, ge=1, description="Stop after this many consecutive steps with NaN/Inf loss or grads."
+    )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -211,7 +234,7 @@ class TrainingSpec(Section):
         return v
 
     @model_validator(mode="after")
-    def _check_batching(self) -> "TrainingSpec":
+    def _check_batching(self) -> TrainingSpec:
         if self.batch_size % self.accumulate_grad_batches:
             raise ValueError(
                 f"batch_size: {self.batch_size} is not divisible by accumulate_grad_batches "
@@ -232,14 +255,15 @@ class TrainingSpec(Section):
 
 class EMASpec(Section):
     decay: float = Field(0.999, gt=0, lt=1, description="Simple exponential moving average of the weights.")
-    half_lives: Optional[list[int]] = Field(
-        None, description="Optional extra EMAs, one per half-life h in optimizer steps (decay 0.5^(1/h)), for ablations; validation and samples use the main EMA."
+    half_lives: list[int] | None = Field(
+        None,
+        description="Optional extra EMAs, one per half-life h in optimizer steps (decay 0.5^(1/h)), for ablations; validation and samples use the main EMA.",
     )
     update_every: int = Field(1, ge=1)
 
     @field_validator("half_lives")
     @classmethod
-    def _positive(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and any(h <= 0 for h in v):
             raise ValueError("every half-life must be > 0 steps")
         return v
@@ -249,7 +273,7 @@ class DemoDataSpec(Section):
     """The embedded demo set, built from the MNI152 template that nilearn ships."""
 
     n_volumes: int = Field(128, ge=4)
-    size: Optional[int] = Field(
+    size: int | None = Field(
         None, ge=8, description="Cube side of the demo volumes (default: model.spatial_size, which must be a cube)."
     )
     seed: int = 0
@@ -261,26 +285,30 @@ class DataSpec(Section):
         description="shard: the HDF5 shard (packed from latent_dir when missing or stale); folder: read the .pt files "
         "directly; demo: build the embedded demo set into the run folder if absent, then use it as a shard.",
     )
-    latent_dir: Optional[Path] = Field(
+    latent_dir: Path | None = Field(
         None, description="Folder of latents: .pt files, the upstream encoder's per-dataset .h5 shards, or both."
     )
-    shard: Optional[Path] = Field(None, description="HDF5 shard (default: <run_dir>/data/latents.h5).")
+    shard: Path | None = Field(None, description="HDF5 shard (default: <run_dir>/data/latents.h5).")
     stats: Literal["shard", "file"] = Field(
         "shard", description="Normalisation statistics from the shard's attributes or from latent_stats.json."
     )
-    stats_file: Optional[Path] = Field(None, description="latent_stats.json (default: <latent_dir>/latent_stats.json).")
+    stats_file: Path | None = Field(None, description="latent_stats.json (default: <latent_dir>/latent_stats.json).")
     stats_mismatch: Literal["refuse", "warn"] = Field(
-        "refuse", description="With stats 'file': refuse to train when latent_stats.json's mean or std is off by more "
-        "than 10 % of the data's channel std (warn: train anyway). Smaller disagreements (> 2 %) are always warned."
+        "refuse",
+        description="With stats 'file': refuse to train when latent_stats.json's mean or std is off by more "
+        "than 10 % of the data's channel std (warn: train anyway). Smaller disagreements (> 2 %) are always warned.",
     )
     normalise: bool = True
     val_fraction: float = Field(0.10, ge=0, lt=1, description="Share of subjects (not files) held out for validation.")
-    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of subjects held out for testing (neuromf evaluate).")
+    test_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of subjects held out for testing (neuromf evaluate)."
+    )
     split_seed: int = 42
     subject_from: str = Field(
-        "metadata", description="The subject key of the split: 'metadata' (the sources' subject ids; names without "
+        "metadata",
+        description="The subject key of the split: 'metadata' (the sources' subject ids; names without "
         "them are parsed as {dataset}_{subject}_{session}) or a regular expression on the latent name with a "
-        "(?P<subject>...) group (and optionally (?P<dataset>...)). Names that match nothing are their own subject."
+        "(?P<subject>...) group (and optionally (?P<dataset>...)). Names that match nothing are their own subject.",
     )
     residency: Literal["auto", "device", "host", "stream"] = Field(
         "auto", description="Where the training set lives: on the GPU, in host memory, or streamed from the shard."
@@ -292,14 +320,16 @@ class DataSpec(Section):
     demo: DemoDataSpec = DemoDataSpec()
 
     @model_validator(mode="after")
-    def _check_source(self) -> "DataSpec":
+    def _check_source(self) -> DataSpec:
         if self.source == "folder" and self.latent_dir is None:
             raise ValueError("latent_dir: required when source is 'folder'")
         if self.source == "shard" and self.latent_dir is None and self.shard is None:
             raise ValueError("shard: source 'shard' needs shard or latent_dir (to pack the shard from)")
         if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"test_fraction: val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
-                             "leaves no training subjects (must be < 1)")
+            raise ValueError(
+                f"test_fraction: val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} "
+                "leaves no training subjects (must be < 1)"
+            )
         if self.subject_from != "metadata":
             import re
 
@@ -314,14 +344,24 @@ class DataSpec(Section):
 
 class HardwareSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    nodes: int = Field(1, ge=1, description="Nodes of a multi-GPU run (one process per GPU, launched by srun or torchrun).")
-    gpus_per_node: int = Field(1, ge=1, description="GPUs (= processes) per node; training.batch_size stays the global batch.")
-    num_threads: Optional[int] = Field(
-        None, ge=1, le=4096, description="CPU threads for torch (None: torch's default, one per core: fastest on idle "
-        "cores, but CPU training collapses when another process takes a core; the CPU demo sets 1).")
+    nodes: int = Field(
+        1, ge=1, description="Nodes of a multi-GPU run (one process per GPU, launched by srun or torchrun)."
+    )
+    gpus_per_node: int = Field(
+        1, ge=1, description="GPUs (= processes) per node; training.batch_size stays the global batch."
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="CPU threads for torch (None: torch's default, one per core: fastest on idle "
+        "cores, but CPU training collapses when another process takes a core; the CPU demo sets 1).",
+    )
     collective_timeout_s: int = Field(
-        1800, ge=10, description="Multi-process runs: how long a rank waits for the others in a collective "
-        "(gradient all-reduce, barrier) before failing with an error instead of hanging."
+        1800,
+        ge=10,
+        description="Multi-process runs: how long a rank waits for the others in a collective "
+        "(gradient all-reduce, barrier) before failing with an error instead of hanging.",
     )
 
 
@@ -329,10 +369,10 @@ class PathsSpec(Section):
     """Where things are. Any `${paths.KEY}` in the spec refers to these, `${NAME}` to the environment."""
 
     run_dir: Path = Field(Path("runs/run"), description="Everything a run writes goes here.")
-    results_root: Optional[Path] = None
-    checkpoints_root: Optional[Path] = None
-    vae_weights: Optional[Path] = Field(None, description="MAISI VAE weights (autoencoder_v2.pt) for decoding samples.")
-    cache_dir: Optional[Path] = Field(None, description="torch.compile cache (TORCHINDUCTOR_CACHE_DIR).")
+    results_root: Path | None = None
+    checkpoints_root: Path | None = None
+    vae_weights: Path | None = Field(None, description="MAISI VAE weights (autoencoder_v2.pt) for decoding samples.")
+    cache_dir: Path | None = Field(None, description="torch.compile cache (TORCHINDUCTOR_CACHE_DIR).")
 
 
 class CheckpointSpec(Section):
@@ -362,7 +402,7 @@ class VAESpec(Section):
     num_splits: int = Field(1, ge=1, description="Split the decode to save memory (MAISI's num_splits).")
 
     @model_validator(mode="after")
-    def _lists_agree(self) -> "VAESpec":
+    def _lists_agree(self) -> VAESpec:
         if len(self.num_channels) != len(self.num_res_blocks):
             raise ValueError(
                 f"num_res_blocks: has {len(self.num_res_blocks)} entries but num_channels has {len(self.num_channels)}"
@@ -396,14 +436,19 @@ class EvaluationSpec(Section):
         description="pooled: weight-free pooled statistics (not comparable with papers); medicalnet3d: a MedicalNet 3D "
         "ResNet (FID on whole volumes); radimagenet2p5d: RadImageNet ResNet50 on axial, coronal and sagittal slices (MAISI's 2.5D FID).",
     )
-    weights: Optional[Path] = Field(None, description="The extractor's weights file (staged by the user; never downloaded).")
-    space: Optional[Literal["image", "latent"]] = Field(
-        None, description="image: decode samples and reference latents with the VAE first; latent: compare latents "
+    weights: Path | None = Field(
+        None, description="The extractor's weights file (staged by the user; never downloaded)."
+    )
+    space: Literal["image", "latent"] | None = Field(
+        None,
+        description="image: decode samples and reference latents with the VAE first; latent: compare latents "
         "(pooled only). Default: image for the extractors, latent for pooled.",
     )
-    n: Optional[int] = Field(None, ge=2, description="Samples and reference volumes (default: min(500, reference split)).")
+    n: int | None = Field(None, ge=2, description="Samples and reference volumes (default: min(500, reference split)).")
     diversity_samples: int = Field(16, ge=2, description="Volumes per set for the mean pairwise MS-SSIM (all pairs).")
-    every_n_epochs: Optional[int] = Field(None, ge=1, description="Periodic small-N FID of the EMA weights during training (off: None).")
+    every_n_epochs: int | None = Field(
+        None, ge=1, description="Periodic small-N FID of the EMA weights during training (off: None)."
+    )
     periodic_n: int = Field(16, ge=2, description="Samples and reference volumes of the periodic evaluation.")
 
     @property
@@ -411,9 +456,11 @@ class EvaluationSpec(Section):
         return self.space or ("latent" if self.features == "pooled" else "image")
 
     @model_validator(mode="after")
-    def _check_extractor(self) -> "EvaluationSpec":
+    def _check_extractor(self) -> EvaluationSpec:
         if self.features != "pooled" and self.weights is None:
-            raise ValueError(f"weights: required with features {self.features} (the file is staged by you; nothing is downloaded)")
+            raise ValueError(
+                f"weights: required with features {self.features} (the file is staged by you; nothing is downloaded)"
+            )
         if self.features != "pooled" and self.space == "latent":
             raise ValueError(f"space: {self.features} works on decoded images; use space image (or features pooled)")
         return self
@@ -438,7 +485,7 @@ class RunSpec(Section):
     evaluation: EvaluationSpec = EvaluationSpec()
 
     @model_validator(mode="after")
-    def _check_cross_sections(self) -> "RunSpec":
+    def _check_cross_sections(self) -> RunSpec:
         if self.vae.latent_channels != self.model.in_channels and self.vae.decoder == "maisi":
             raise ValueError(
                 f"vae.latent_channels: {self.vae.latent_channels} differs from model.in_channels {self.model.in_channels}"
@@ -459,9 +506,11 @@ class RunSpec(Section):
         for size in self.model.spatial_size:
             noise_bytes *= size
         if noise_bytes > NOISE_BYTES_LIMIT:
-            raise ValueError(f"sampling.n_samples: {self.sampling.n_samples} samples of {self.model.in_channels} x "
-                             f"{list(self.model.spatial_size)} need {noise_bytes / 2**30:.1f} GiB for the noise alone "
-                             f"(at most {NOISE_BYTES_LIMIT // 2**30} GiB)")
+            raise ValueError(
+                f"sampling.n_samples: {self.sampling.n_samples} samples of {self.model.in_channels} x "
+                f"{list(self.model.spatial_size)} need {noise_bytes / 2**30:.1f} GiB for the noise alone "
+                f"(at most {NOISE_BYTES_LIMIT // 2**30} GiB)"
+            )
         if self.data.source == "demo" and self.model.in_channels != 4:
             raise ValueError("model.in_channels: the demo data has 4 channels")
         if self.hardware.device == "cpu" and self.training.precision == "bf16":

@@ -27,8 +27,9 @@ import os
 import random
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,21 +40,35 @@ from neuromf.errors import UserError
 FORMAT = "neuromf-checkpoint-v1"
 DIGEST_KEY = "sha256"
 # What a resume reads (neuromf/train/loop.py); a file without one of these cannot continue a run.
-RESUME_KEYS = ("model_state_dict", "ema_state_dict", "ema_all", "optimizer_state_dict", "scheduler_state_dict",
-               "config", "progress", "rng", "data_state")
+RESUME_KEYS = (
+    "model_state_dict",
+    "ema_state_dict",
+    "ema_all",
+    "optimizer_state_dict",
+    "scheduler_state_dict",
+    "config",
+    "progress",
+    "rng",
+    "data_state",
+)
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
 # ---------------------------------------------------------------- RNG state
 
 
-def capture_rng_states(extra: Optional[dict[str, torch.Generator]] = None) -> dict[str, Any]:
+def capture_rng_states(extra: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     """torch (CPU and CUDA), numpy, Python and named generators, as tensors and plain lists."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
         "generators": {name: g.get_state() for name, g in (extra or {}).items()},
     }
@@ -62,7 +77,7 @@ def capture_rng_states(extra: Optional[dict[str, torch.Generator]] = None) -> di
     return state
 
 
-def restore_rng_states(state: dict[str, Any], extra: Optional[dict[str, torch.Generator]] = None) -> None:
+def restore_rng_states(state: dict[str, Any], extra: dict[str, torch.Generator] | None = None) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -215,7 +230,7 @@ class CheckpointDir:
         best = self.folder / "best.pt"
         return candidates + ([best] if best.is_file() else [])
 
-    def load_newest(self, map_location: str | torch.device = "cpu") -> Optional[tuple[Path, dict[str, Any]]]:
+    def load_newest(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
         """The first candidate that loads completely; damaged ones are skipped with a message.
 
         None when there is no checkpoint at all; UserError (listing each file and why) when there are

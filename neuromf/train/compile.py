@@ -20,7 +20,8 @@ run under no_grad (docs/benchmarks.md).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -36,9 +37,18 @@ aten = torch.ops.aten
 
 # Ops whose output holds the same values as their first argument (views, casts, copies).
 _SAME_VALUES = {
-    aten.alias.default, aten.expand.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-    aten.t.default, aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.clone.default, aten._to_copy.default,
+    aten.alias.default,
+    aten.expand.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.t.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.clone.default,
+    aten._to_copy.default,
 }
 _ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default, aten._efficientzerotensor.default}
 _FULL = {aten.full.default, aten.full_like.default, aten.new_full.default}
@@ -81,7 +91,9 @@ class FoldZeroTangentProducts(CustomGraphPass):
             val = node.meta["val"]
             with graph.inserting_before(node):
                 zeros = graph.call_function(
-                    aten.full.default, (list(val.shape), 0), {"dtype": val.dtype, "device": val.device, "pin_memory": False}
+                    aten.full.default,
+                    (list(val.shape), 0),
+                    {"dtype": val.dtype, "device": val.device, "pin_memory": False},
                 )
             zeros.meta["val"] = val.new_zeros(val.shape)
             node.replace_all_uses_with(zeros)
@@ -90,7 +102,7 @@ class FoldZeroTangentProducts(CustomGraphPass):
             graph.eliminate_dead_code()
         self.folded += len(targets)
 
-    def uuid(self) -> Optional[Any]:
+    def uuid(self) -> Any | None:
         return get_hash_for_files((__file__,))  # Inductor's cache key: a change here recompiles
 
 

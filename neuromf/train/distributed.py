@@ -20,10 +20,11 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,15 @@ import torch.distributed as dist
 from neuromf.errors import UserError
 from neuromf.spec.schema import RunSpec
 
-__all__ = ["CollectiveError", "Dist", "Launch", "detect_launch", "first_host", "is_collective_error", "setup_distributed"]
+__all__ = [
+    "CollectiveError",
+    "Dist",
+    "Launch",
+    "detect_launch",
+    "first_host",
+    "is_collective_error",
+    "setup_distributed",
+]
 
 
 class CollectiveError(RuntimeError):
@@ -49,8 +58,8 @@ class Launch:
     world_size: int = 1
     local_rank: int = 0
     launcher: str = "none"  # "torchrun", "slurm" or "none"
-    master_addr: Optional[str] = None
-    master_port: Optional[int] = None
+    master_addr: str | None = None
+    master_port: int | None = None
 
 
 def first_host(nodelist: str) -> str:
@@ -58,7 +67,9 @@ def first_host(nodelist: str) -> str:
     available (not inside most containers), else the list's first name with each bracket at its first value."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+            )
             if out.returncode == 0 and out.stdout.split():
                 return out.stdout.split()[0]
         except (OSError, subprocess.TimeoutExpired):
@@ -85,8 +96,14 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> Launch:
     SLURM_PROCID=0, but it is one process (it is the one that calls srun).
     """
     if "RANK" in env and "WORLD_SIZE" in env:
-        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun",
-                      env.get("MASTER_ADDR"), int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None)
+        return Launch(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            "torchrun",
+            env.get("MASTER_ADDR"),
+            int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None,
+        )
     tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and tasks > 1:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
@@ -105,7 +122,8 @@ def is_collective_error(e: BaseException) -> bool:
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and any(
-        s in text for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out waiting")
+        s in text
+        for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out waiting")
     )
 
 
@@ -211,8 +229,10 @@ def _device_for(spec: RunSpec, launch: Launch) -> torch.device:
     elif count == 1:
         index = 0
     else:
-        raise UserError(f"hardware.gpus_per_node: rank {launch.rank} is local process {launch.local_rank} on its node "
-                        f"but only {count} GPUs are visible there")
+        raise UserError(
+            f"hardware.gpus_per_node: rank {launch.rank} is local process {launch.local_rank} on its node "
+            f"but only {count} GPUs are visible there"
+        )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -227,9 +247,17 @@ def check_world(spec: RunSpec, world_size: int, device: torch.device) -> None:
         )
     wanted = spec.hardware.nodes * spec.hardware.gpus_per_node
     if device.type == "cuda" and world_size != wanted:
-        how = "run it with torchrun or srun (container/train.sh does)" if world_size == 1 else "the batch is still split evenly"
-        print(f"warning: hardware.nodes x hardware.gpus_per_node = {wanted} GPU(s), but {world_size} process(es) were "
-              f"launched; {how}", file=sys.stderr, flush=True)
+        how = (
+            "run it with torchrun or srun (container/train.sh does)"
+            if world_size == 1
+            else "the batch is still split evenly"
+        )
+        print(
+            f"warning: hardware.nodes x hardware.gpus_per_node = {wanted} GPU(s), but {world_size} process(es) were "
+            f"launched; {how}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def setup_distributed(spec: RunSpec, env: Mapping[str, str] = os.environ) -> Dist:
@@ -237,12 +265,16 @@ def setup_distributed(spec: RunSpec, env: Mapping[str, str] = os.environ) -> Dis
     launch = detect_launch(env)
     device = _device_for(spec, launch)
     check_world(spec, launch.world_size, device)
-    info = Dist(launch.rank, launch.world_size, launch.local_rank, device, launch.launcher, spec.hardware.collective_timeout_s)
+    info = Dist(
+        launch.rank, launch.world_size, launch.local_rank, device, launch.launcher, spec.hardware.collective_timeout_s
+    )
     if not info.enabled:
         return info
     if dist.is_initialized():  # set up by the caller (tests, a notebook): use that group
         if dist.get_world_size() != launch.world_size or dist.get_rank() != launch.rank:
-            raise RuntimeError(f"a process group of {dist.get_world_size()} exists; the environment says {launch.world_size}")
+            raise RuntimeError(
+                f"a process group of {dist.get_world_size()} exists; the environment says {launch.world_size}"
+            )
         return info
     # env:// reads MASTER_ADDR/PORT; under torchrun they point at the agent's store, which must be reused.
     if launch.master_addr is not None:
@@ -255,7 +287,10 @@ def setup_distributed(spec: RunSpec, env: Mapping[str, str] = os.environ) -> Dis
     backend = "nccl" if device.type == "cuda" else "gloo"
     with info.guard(f"joining the process group ({backend}, {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})"):
         dist.init_process_group(
-            backend, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+            backend,
+            init_method="env://",
+            rank=launch.rank,
+            world_size=launch.world_size,
             timeout=timedelta(seconds=spec.hardware.collective_timeout_s),
             device_id=device if device.type == "cuda" else None,
         )

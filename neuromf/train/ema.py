@@ -7,7 +7,7 @@ steps), each with decay 0.5 ** (1 / h).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ def decay_for_half_life(half_life: float) -> float:
 class EMA:
     """Shadow copies of a module's floating-point parameters and buffers, updated with lerp."""
 
-    def __init__(self, module: nn.Module, decay: float = 0.999, half_lives: Optional[list[int]] = None) -> None:
+    def __init__(self, module: nn.Module, decay: float = 0.999, half_lives: list[int] | None = None) -> None:
         self.decays: dict[str, float] = {"ema": decay}
         for h in half_lives or []:
             self.decays[f"ema_h{h}"] = decay_for_half_life(h)
@@ -52,7 +52,9 @@ class EMA:
 
     def load_full_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         if set(state) != set(self.shadows):
-            raise ValueError(f"EMA set differs: checkpoint has {sorted(state)}, run-spec asks for {sorted(self.shadows)}")
+            raise ValueError(
+                f"EMA set differs: checkpoint has {sorted(state)}, run-spec asks for {sorted(self.shadows)}"
+            )
         for name, shadow in state.items():
             for k, v in shadow.items():
                 self.shadows[name][k].copy_(v)

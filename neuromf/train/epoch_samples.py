@@ -45,7 +45,9 @@ def write_periodic_samples(
         volumes = latents
     else:
         with loaded_vae(spec.vae, spec.paths.vae_weights, device) as vae:
-            volumes = {label: decode_with(vae, z, spec.vae, autocast_dtype(spec, device)) for label, z in latents.items()}
+            volumes = {
+                label: decode_with(vae, z, spec.vae, autocast_dtype(spec, device)) for label, z in latents.items()
+            }
 
     folder = epoch_sample_dir(spec.paths.run_dir, epoch)
     for label, z in latents.items():

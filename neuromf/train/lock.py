@@ -27,12 +27,14 @@ from neuromf.atomic import pid_alive, write_error
 from neuromf.errors import UserError
 
 LOCK_NAME = ".lock"
-_HELD: dict[str, "RunLock"] = {}  # realpath -> the lock this process holds (a second Trainer in one process shares it)
+_HELD: dict[str, RunLock] = {}  # realpath -> the lock this process holds (a second Trainer in one process shares it)
 
 
 def _holder_info() -> dict[str, Any]:
     return {
-        "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -60,7 +62,7 @@ class RunLock:
         self.path, self.fd, self.users = path, fd, 1
 
     @classmethod
-    def acquire(cls, run_dir: Path) -> "RunLock":
+    def acquire(cls, run_dir: Path) -> RunLock:
         """Lock `run_dir` (created if needed) or raise UserError naming the holder."""
         key = os.path.realpath(run_dir)
         if key in _HELD:
@@ -73,8 +75,9 @@ class RunLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-                raise UserError(f"paths.run_dir: {run_dir} is not writable ({os.strerror(e.errno)}); "
-                                "nothing was changed") from None
+                raise UserError(
+                    f"paths.run_dir: {run_dir} is not writable ({os.strerror(e.errno)}); nothing was changed"
+                ) from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,15 +86,20 @@ class RunLock:
             job = os.environ.get("SLURM_JOB_ID")
             if not (job and info.get("slurm_job_id") == job):
                 os.close(fd)
-                raise UserError(f"paths.run_dir: {run_dir} is in use by another trainer ({_describe(info)}); "
-                                f"wait for it or stop it (lock file {path})") from None
+                raise UserError(
+                    f"paths.run_dir: {run_dir} is in use by another trainer ({_describe(info)}); "
+                    f"wait for it or stop it (lock file {path})"
+                ) from None
             print(f"taking over {path} from an earlier run of SLURM job {job} (requeued)", flush=True)
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             info = _read_info(fd)  # no flock here: judge by the holder's record
-            if info.get("host") == socket.gethostname() and pid_alive(int(info.get("pid") or 0)) \
-                    and int(info.get("pid") or 0) != os.getpid():
+            if (
+                info.get("host") == socket.gethostname()
+                and pid_alive(int(info.get("pid") or 0))
+                and int(info.get("pid") or 0) != os.getpid()
+            ):
                 os.close(fd)
                 raise UserError(f"paths.run_dir: {run_dir} is in use by another trainer ({_describe(info)})") from None
         lock = cls(path, fd)

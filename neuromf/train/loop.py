@@ -36,9 +36,10 @@ import copy
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -51,10 +52,10 @@ from neuromf.train.checkpoint import CheckpointDir
 from neuromf.train.distributed import Dist, is_collective_error, setup_distributed
 from neuromf.train.ema import EMA
 from neuromf.train.periodic_eval import periodic_evaluation, periodic_evaluation_due
+from neuromf.train.resume import check_compatible, claim_run_folder, load_resume_state
 from neuromf.train.run_log import RunLog, SilentLog
 from neuromf.train.runtime import configure_torch
 from neuromf.train.schedule import build_optimizer, build_scheduler
-from neuromf.train.resume import check_compatible, claim_run_folder, load_resume_state
 from neuromf.train.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, StopInterrupt, StopRequest
 from neuromf.train.state import Progress, checkpoint_state, restore_state
 from neuromf.train.validate import validate
@@ -80,7 +81,9 @@ def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> t
 class Trainer:
     """Holds the run's objects; `run()` is the loop, `train_step()` one optimizer step."""
 
-    def __init__(self, spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, verify_data: bool = False) -> None:
+    def __init__(
+        self, spec: RunSpec, resume: str | None = None, dry_run: bool = False, verify_data: bool = False
+    ) -> None:
         from neuromf.data.prepare import check_run_data, prepare_data
         from neuromf.meanflow.time_sampler import num_flow_matching
         from neuromf.model.unet import build_network, set_gradient_checkpointing
@@ -101,7 +104,9 @@ class Trainer:
         with self.dist.main_first("preparing the data"):  # rank 0 packs the shard; the others only read it
             # rank 0 checks the shard's checksum once per shard file (every time with --verify-data) before reading it
             verify = ("always" if verify_data else "once") if self.dist.is_main and not dry_run else None
-            self.data = prepare_data(spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main, verify=verify)
+            self.data = prepare_data(
+                spec, self.device, pack=self.dist.is_main, progress=self.dist.is_main, verify=verify
+            )
             if self.dist.is_main and not dry_run:  # writes split.json; refuses a resume whose split changed
                 check_run_data(spec, self.data, resume=resume)
         # training.batch_size is the GLOBAL batch: each rank takes its block of batch_size / world_size.
@@ -111,47 +116,71 @@ class Trainer:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = 1 if dry_run else spec.training.total_steps(self.steps_per_epoch)
         if not dry_run and spec.training.warmup_steps >= self.total_steps:
-            raise UserError(f"training.warmup_steps: {spec.training.warmup_steps} is not shorter than the run ({self.total_steps} steps)")
+            raise UserError(
+                f"training.warmup_steps: {spec.training.warmup_steps} is not shorter than the run ({self.total_steps} steps)"
+            )
 
         self.net = build_network(spec.model).to(self.device)
         if spec.model.init_from is not None:
             from neuromf.model.warm_start import load_pretrained_backbone
 
             load_pretrained_backbone(
-                self.net, spec.model.init_from, spacing_mm=spec.model.init_spacing_mm, class_label=spec.model.init_class_label
+                self.net,
+                spec.model.init_from,
+                spacing_mm=spec.model.init_spacing_mm,
+                class_label=spec.model.init_class_label,
             )
-        set_gradient_checkpointing(self.net, spec.training.gradient_checkpointing)  # gradient passes only, never the JVP
+        set_gradient_checkpointing(
+            self.net, spec.training.gradient_checkpointing
+        )  # gradient passes only, never the JVP
         self._build_step_parts(self.total_steps)
         if spec.training.compile:  # lazy: a failure surfaces at the first step (then eager: _train_step_or_eager)
             from neuromf.train.compile import compile_loss  # imports Inductor (~1 s): only when compiling
 
             self.compute = compile_loss(self.loss.compute, spec.training.fold_zero_tangents, spec.training.compile_mode)
-        self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)  # validation and samples load the EMA into it
+        self.ema_net = (
+            copy.deepcopy(self.net).eval().requires_grad_(False)
+        )  # validation and samples load the EMA into it
         if found is not None:
             restore_state(self, found[1])
         self.interruptible: Callable[[], Any] = nullcontext
         # Wrapped after loading, so DDP's initial broadcast (rank 0's weights to all) sends the resumed ones.
         if self.dist.enabled:
             with self.dist.guard("wrapping the model in DDP (broadcast of rank 0's weights)"):
-                self.grad_net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.log: Any = RunLog(spec, self.total_steps, self.progress.global_step, resumed=found is not None) \
-            if self.dist.is_main else SilentLog()
+                self.grad_net = DistributedDataParallel(
+                    self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                )
+        self.log: Any = (
+            RunLog(spec, self.total_steps, self.progress.global_step, resumed=found is not None)
+            if self.dist.is_main
+            else SilentLog()
+        )
         if found is not None:
             self.log.event(self.progress.global_step, f"resumed from {found[0]} at step {self.progress.global_step}")
         if world > 1:
-            self.log.say(f"{world} processes ({self.dist.launcher}, {'NCCL' if self.device.type == 'cuda' else 'gloo'}): "
-                         f"global batch {spec.training.batch_size} = {world} x {spec.training.accumulate_grad_batches} "
-                         f"micro-batch(es) of {self.micro_batch}")
-        if num_flow_matching(self.micro_batch, spec.time_sampling.data_proportion) == 0 < spec.time_sampling.data_proportion:
-            self.log.say(f"warning: micro-batches of {self.micro_batch} get no r = t rows (floor({self.micro_batch} x "
-                         f"time_sampling.data_proportion {spec.time_sampling.data_proportion}) = 0): all rows are MeanFlow rows")
+            self.log.say(
+                f"{world} processes ({self.dist.launcher}, {'NCCL' if self.device.type == 'cuda' else 'gloo'}): "
+                f"global batch {spec.training.batch_size} = {world} x {spec.training.accumulate_grad_batches} "
+                f"micro-batch(es) of {self.micro_batch}"
+            )
+        if (
+            num_flow_matching(self.micro_batch, spec.time_sampling.data_proportion)
+            == 0
+            < spec.time_sampling.data_proportion
+        ):
+            self.log.say(
+                f"warning: micro-batches of {self.micro_batch} get no r = t rows (floor({self.micro_batch} x "
+                f"time_sampling.data_proportion {spec.time_sampling.data_proportion}) = 0): all rows are MeanFlow rows"
+            )
 
     @classmethod
-    def for_steps(cls, spec: RunSpec, net: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> "Trainer":
+    def for_steps(cls, spec: RunSpec, net: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Trainer:
         """A trainer of `net` with only what train_step uses: one process, the eager loss, no data, run folder,
         log or checkpoints. `neuromf doctor` and `neuromf bench` measure the training step with it (bench sets
         `compute` and `loss` to other loss maths). Its LR schedule is that of a run of max_steps (or warmup + 1) steps."""
-        self = cls.__new__(cls)  # not __init__: that prepares the data, claims the run folder and builds its own network
+        self = cls.__new__(
+            cls
+        )  # not __init__: that prepares the data, claims the run folder and builds its own network
         self.spec, self.device, self.dtype = spec, device, dtype
         self.dist = Dist(rank=0, world_size=1, local_rank=0, device=device)
         self.net, self.log = net, SilentLog()
@@ -199,9 +228,13 @@ class Trainer:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accumulate
         clip = tr.grad_clip if tr.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_([q for q in self.net.parameters() if q.grad is not None], clip)  # before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [q for q in self.net.parameters() if q.grad is not None], clip
+        )  # before clipping
         grad_ok = True
-        if self.dist.enabled:  # one all-reduce: the mean of each metric, and how many ranks saw a non-finite gradient norm
+        if (
+            self.dist.enabled
+        ):  # one all-reduce: the mean of each metric, and how many ranks saw a non-finite gradient norm
             keys = list(sums)
             packed = torch.stack([sums[k] for k in keys] + [(~torch.isfinite(grad_norm)).float()]).double()
             self.dist.all_reduce(packed, "sum", "the step's metrics all-reduce")
@@ -213,11 +246,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             p.bad_steps += 1
             p.consecutive_bad += 1
-            self.log.event(p.global_step, f"skipped a step with NaN/Inf loss or gradients ({p.consecutive_bad} in a row, "
-                                          f"{p.bad_steps} in all)", bad_step=True)
+            self.log.event(
+                p.global_step,
+                f"skipped a step with NaN/Inf loss or gradients ({p.consecutive_bad} in a row, {p.bad_steps} in all)",
+                bad_step=True,
+            )
             if p.consecutive_bad >= tr.max_bad_steps:
-                raise TrainingDiverged(f"training stopped: {p.consecutive_bad} consecutive steps with NaN/Inf loss or "
-                                       "gradients (training.max_bad_steps)")
+                raise TrainingDiverged(
+                    f"training stopped: {p.consecutive_bad} consecutive steps with NaN/Inf loss or "
+                    "gradients (training.max_bad_steps)"
+                )
             return False, sums
         self.optimizer.step()
         self.scheduler.step()
@@ -236,7 +274,9 @@ class Trainer:
             if self.compute == self.loss.compute or is_collective_error(e) or isinstance(e, TrainingDiverged):
                 raise
             first = str(e).splitlines()[0][:200] if str(e) else ""
-            self.log.event(self.progress.global_step, f"torch.compile failed ({type(e).__name__}: {first}); falling back to eager")
+            self.log.event(
+                self.progress.global_step, f"torch.compile failed ({type(e).__name__}: {first}); falling back to eager"
+            )
             self.compute = self.loss.compute
             return self.train_step(batch)
 
@@ -257,11 +297,15 @@ class Trainer:
         spec, p = self.spec, self.progress
         log_every = spec.logging.log_every_n_steps
         if p.finished and p.global_step >= self.total_steps and not self.dry_run:
-            self.log.say(f"{spec.name} already finished at step {p.global_step} (raise training.max_steps to train longer); "
-                         f"samples in {spec.paths.run_dir / 'samples'}")
+            self.log.say(
+                f"{spec.name} already finished at step {p.global_step} (raise training.max_steps to train longer); "
+                f"samples in {spec.paths.run_dir / 'samples'}"
+            )
             self.log.close()
             return 0
-        self.log.say(f"training {spec.name}: {self.total_steps} steps, {self.steps_per_epoch} per epoch, on {self.device}")
+        self.log.say(
+            f"training {spec.name}: {self.total_steps} steps, {self.steps_per_epoch} per epoch, on {self.device}"
+        )
         window_t0, window_samples, epoch_sums, epoch_n = time.perf_counter(), 0, {}, 0
         epoch_done = False
         self.net.train()
@@ -294,7 +338,14 @@ class Trainer:
                         record["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.log.log(record)
                     window_t0, window_samples = time.perf_counter(), 0
-                self.log.progress(p.global_step, p.epoch, {f"train/{k}": float(v) for k, v in metrics.items() if k.startswith(("loss_total", "mse"))} if logging_step or self.log.use_bar else {}, logging_step)
+                self.log.progress(
+                    p.global_step,
+                    p.epoch,
+                    {f"train/{k}": float(v) for k, v in metrics.items() if k.startswith(("loss_total", "mse"))}
+                    if logging_step or self.log.use_bar
+                    else {},
+                    logging_step,
+                )
 
                 if self.dry_run:
                     self.log.say(f"dry run: one step done, loss {float(metrics['loss_total']):.4f}")
@@ -303,21 +354,27 @@ class Trainer:
                 epoch_done = self.batches.position >= self.steps_per_epoch
                 if epoch_done:
                     p.epoch = self.batches.epoch + 1  # epochs completed
-                    p.history["train"].append({"epoch": p.epoch, **{k: v / max(epoch_n, 1) for k, v in epoch_sums.items()}})
+                    p.history["train"].append(
+                        {"epoch": p.epoch, **{k: v / max(epoch_n, 1) for k, v in epoch_sums.items()}}
+                    )
                     epoch_sums, epoch_n = {}, 0
                     self._end_of_epoch(p.epoch, final=p.global_step >= self.total_steps)
                 elif p.global_step % spec.checkpoint.latest_every_n_steps == 0 and applied:
                     self.save_latest()
                 # A signal may reach one rank only (or each at a different step): the largest signal number
                 # over all ranks, once per step, so that all stop after the same step.
-                requested = self.dist.max_int(signal.Signals[stop.requested].value if stop.requested else 0, "sharing stop requests")
+                requested = self.dist.max_int(
+                    signal.Signals[stop.requested].value if stop.requested else 0, "sharing stop requests"
+                )
                 if requested:
                     return self._stop(signal.Signals(requested).name)
             if not epoch_done:  # max_steps ended inside epoch p.epoch + 1: validate, sample and save it as that
                 self._end_of_epoch(p.epoch + 1, final=True)
                 if p.pending_epoch_end and not self.dist.enabled:  # interrupted by a stop: save it as pending
                     return self._stop(stop.requested or "SIGTERM")
-        self.log.say(f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}")
+        self.log.say(
+            f"done: {p.global_step} steps; checkpoints in {self.checkpoints.folder}, samples in {spec.paths.run_dir / 'samples'}"
+        )
         self.log.close()
         return 0
 
@@ -326,7 +383,9 @@ class Trainer:
         p = self.progress
         code = INTERRUPT_EXIT_CODE if name == "SIGINT" else REQUEUE_EXIT_CODE
         path = self.save_latest()
-        pending = f" (epoch {p.pending_epoch_end}'s validation/samples are redone on resume)" if p.pending_epoch_end else ""
+        pending = (
+            f" (epoch {p.pending_epoch_end}'s validation/samples are redone on resume)" if p.pending_epoch_end else ""
+        )
         self.log.event(p.global_step, f"{name}: saved {path} at step {p.global_step}{pending}; exiting with {code}")
         self.log.close()
         return code
@@ -361,18 +420,26 @@ class Trainer:
         self.ema_net.load_state_dict(self.ema.state_dict(), strict=False)
         nets = {"ema": self.ema_net, "online": self.net}
         with self.interruptible():
-            folder = write_periodic_samples(self.spec, {w: nets[w] for w in self.spec.sampling.weights}, self.data.stats, epoch, self.device)
+            folder = write_periodic_samples(
+                self.spec, {w: nets[w] for w in self.spec.sampling.weights}, self.data.stats, epoch, self.device
+            )
         self.log.event(self.progress.global_step, f"samples of epoch {epoch} in {folder}")
-        self.log.log_images(self.progress.global_step, epoch, {p.name.removesuffix("_grid.png"): p for p in sorted(folder.glob("*_grid.png"))})
+        self.log.log_images(
+            self.progress.global_step,
+            epoch,
+            {p.name.removesuffix("_grid.png"): p for p in sorted(folder.glob("*_grid.png"))},
+        )
 
 
-def train(spec: RunSpec, resume: Optional[str] = None, dry_run: bool = False, verify_data: bool = False) -> int:
+def train(spec: RunSpec, resume: str | None = None, dry_run: bool = False, verify_data: bool = False) -> int:
     """Train (one process, or one rank of a torchrun/srun launch); the exit code of `neuromf train`."""
     trainer = Trainer(spec, resume=resume, dry_run=dry_run, verify_data=verify_data)
     try:
         code = trainer.run()
     except TrainingDiverged as e:
-        trainer.log.event(trainer.progress.global_step, f"{e}; the last good checkpoint is in {trainer.checkpoints.folder}")
+        trainer.log.event(
+            trainer.progress.global_step, f"{e}; the last good checkpoint is in {trainer.checkpoints.folder}"
+        )
         trainer.log.close()
         code = 3
     finally:

@@ -31,7 +31,9 @@ def periodic_evaluation_due(spec: RunSpec, epoch: int, final: bool) -> bool:
     return every is not None and (final or epoch % every == 0)
 
 
-def _fits(featurizer: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _fits(
+    featurizer: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from neuromf.evaluation.metrics import GaussianAccumulator
 
     acc: dict[str, GaussianAccumulator] = {}
@@ -42,22 +44,29 @@ def _fits(featurizer: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> 
 
 
 @torch.no_grad()
-def periodic_evaluation(spec: RunSpec, ema_net: nn.Module, data: Any, epoch: int, step: int, device: torch.device) -> dict[str, Any]:
+def periodic_evaluation(
+    spec: RunSpec, ema_net: nn.Module, data: Any, epoch: int, step: int, device: torch.device
+) -> dict[str, Any]:
     """One log record: {"step", "epoch", "eval/fid_ema_nfe1", per-plane "eval/fid_ema_nfe1_<plane>", ...}."""
     from neuromf.evaluation.featurize import held_out_split
 
     split = held_out_split(data)
     n = min(spec.evaluation.periodic_n, len(getattr(data, f"{split}_names")))
     if n < 2:
-        return {"step": step, "epoch": epoch, "event": f"periodic evaluation skipped: the {split} split has {n} latents"}
+        return {
+            "step": step,
+            "epoch": epoch,
+            "event": f"periodic evaluation skipped: the {split} split has {n} latents",
+        }
     try:
         return _evaluate(spec, ema_net, data, epoch, step, device, split, n)
     except UserError as err:  # a missing or wrong extractor file must not end hours of training
         return {"step": step, "epoch": epoch, "event": f"periodic evaluation skipped: {'; '.join(err.problems)}"}
 
 
-def _evaluate(spec: RunSpec, ema_net: nn.Module, data: Any, epoch: int, step: int, device: torch.device, split: str,
-              n: int) -> dict[str, Any]:
+def _evaluate(
+    spec: RunSpec, ema_net: nn.Module, data: Any, epoch: int, step: int, device: torch.device, split: str, n: int
+) -> dict[str, Any]:
     from neuromf.evaluation.featurize import open_featurizer
     from neuromf.evaluation.generate import generate_batches
     from neuromf.evaluation.metrics import frechet_distance_of_fits
@@ -89,9 +98,18 @@ def _evaluate(spec: RunSpec, ema_net: nn.Module, data: Any, epoch: int, step: in
         ema_net.train(was_training)
     ref = _REFERENCE_CACHE[key]
     per_plane = {plane: frechet_distance_of_fits(*fits[plane], *ref[plane]) for plane in ref}
-    record: dict[str, Any] = {"step": step, "epoch": epoch, "eval/fid_ema_nfe1": float(np.mean(list(per_plane.values())))}
+    record: dict[str, Any] = {
+        "step": step,
+        "epoch": epoch,
+        "eval/fid_ema_nfe1": float(np.mean(list(per_plane.values()))),
+    }
     if len(per_plane) > 1:
         record.update({f"eval/fid_ema_nfe1_{plane}": v for plane, v in per_plane.items()})
-    record.update({"eval/n": n, "eval/seconds": round(time.perf_counter() - started, 2),
-                   "eval_features": f"{e.features} ({e.resolved_space} space) vs {split}"})
+    record.update(
+        {
+            "eval/n": n,
+            "eval/seconds": round(time.perf_counter() - started, 2),
+            "eval_features": f"{e.features} ({e.resolved_space} space) vs {split}",
+        }
+    )
     return record

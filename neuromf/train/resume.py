@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -29,9 +29,9 @@ DATA_IDENTITY = ("source", "val_fraction", "split_seed", "demo")
 
 def claim_run_folder(
     spec: RunSpec, checkpoints: CheckpointDir, resuming: bool, dist: Dist, dry_run: bool = False
-) -> Optional[RunLock]:
+) -> RunLock | None:
     """Rank 0: lock the run folder, remove temporaries of killed writes, and refuse a fresh start over checkpoints."""
-    lock: Optional[RunLock] = None
+    lock: RunLock | None = None
     with dist.main_first("locking the run folder"):
         if dist.is_main:
             lock = RunLock.acquire(spec.paths.run_dir)  # also the check that the run folder is writable
@@ -43,10 +43,15 @@ def claim_run_folder(
             existing = checkpoints.resume_candidates() + [p for p in [checkpoints.staged] if p.exists()]
             if existing and not resuming:
                 lock.release()
-                instead = ("a dry run would reset its training log: dry-run into a new paths.run_dir" if dry_run
-                           else "continue it with --resume auto, or use a new paths.run_dir")
-                raise UserError(f"paths.run_dir: {spec.paths.run_dir} already holds checkpoints "
-                                f"({', '.join(p.name for p in existing)}); {instead} (nothing was changed)")
+                instead = (
+                    "a dry run would reset its training log: dry-run into a new paths.run_dir"
+                    if dry_run
+                    else "continue it with --resume auto, or use a new paths.run_dir"
+                )
+                raise UserError(
+                    f"paths.run_dir: {spec.paths.run_dir} already holds checkpoints "
+                    f"({', '.join(p.name for p in existing)}); {instead} (nothing was changed)"
+                )
             for path in remove_stale_temporaries(spec.paths.run_dir):
                 print(f"removed {path} (left by a killed write)", file=sys.stderr)
             checkpoints.recover_staged()
@@ -55,11 +60,11 @@ def claim_run_folder(
 
 def load_resume_state(
     resume: str, checkpoints: CheckpointDir, dist: Dist, device: torch.device
-) -> Optional[tuple[Path, dict[str, Any]]]:
+) -> tuple[Path, dict[str, Any]] | None:
     """(path, state) to continue from, or None (auto, and no checkpoint at all). UserError for a bad --resume PATH."""
     if resume != "auto":
         return Path(resume), load_named(Path(resume), device)
-    found: Optional[tuple[Path, dict[str, Any]]] = None
+    found: tuple[Path, dict[str, Any]] | None = None
     with dist.main_first("finding the checkpoint to resume from"):
         if dist.is_main:
             found = checkpoints.load_newest(device)  # UserError when checkpoints exist and none loads
@@ -91,8 +96,10 @@ def check_compatible(spec: RunSpec, path: Path, state: dict[str, Any]) -> None:
     old, new = config.get("data", {}), spec.data.model_dump(mode="json")
     for key in DATA_IDENTITY:
         if key in old and old[key] != new.get(key):
-            raise UserError(f"--resume: {path} was trained with data.{key} = {old[key]!r}, now {new.get(key)!r}: another "
-                            "training set; start a new paths.run_dir (nothing was changed)")
+            raise UserError(
+                f"--resume: {path} was trained with data.{key} = {old[key]!r}, now {new.get(key)!r}: another "
+                "training set; start a new paths.run_dir (nothing was changed)"
+            )
     _check_latent_folder(spec, path, state)
 
 
@@ -120,5 +127,7 @@ def _check_latent_folder(spec: RunSpec, path: Path, state: dict[str, Any]) -> No
     split = split_subjects(folder_metas(d.latent_dir), d.val_fraction, d.test_fraction, d.split_seed, d.subject_from)
     if names_digest(split.train) == state["data_state"].get("names"):
         return
-    raise UserError(f"--resume: the latents in {d.latent_dir} ({len(files)} files) are not the training set {path} "
-                    "was trained on; repacking would replace it: start a new paths.run_dir (nothing was changed)")
+    raise UserError(
+        f"--resume: the latents in {d.latent_dir} ({len(files)} files) are not the training set {path} "
+        "was trained on; repacking would replace it: start a new paths.run_dir (nothing was changed)"
+    )

@@ -16,8 +16,9 @@ import secrets
 import string
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from neuromf.atomic import atomic_write_text, write_error
 from neuromf.spec.schema import RunSpec
@@ -100,8 +101,10 @@ class RunLog:
             return
         import wandb
 
-        entries: dict[str, Any] = {f"samples/{label}": wandb.Image(str(path), caption=f"{label}, epoch {epoch}")
-                                   for label, path in images.items()}
+        entries: dict[str, Any] = {
+            f"samples/{label}": wandb.Image(str(path), caption=f"{label}, epoch {epoch}")
+            for label, path in images.items()
+        }
         self._wandb.log({**entries, "epoch": epoch}, step=step)
 
     def event(self, step: int, message: str, **fields: Any) -> None:
@@ -126,7 +129,11 @@ class RunLog:
         rate = (step - self._step0) / elapsed if elapsed > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         shown = " | ".join(f"{k} {v}" for k, v in self._shown(metrics).items())
-        print(f"step {step}/{self.total_steps} | epoch {epoch} | {shown} | {rate:.2f} it/s | ETA {_duration(eta)}", file=sys.stderr, flush=True)
+        print(
+            f"step {step}/{self.total_steps} | epoch {epoch} | {shown} | {rate:.2f} it/s | ETA {_duration(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _shown(self, metrics: dict[str, float]) -> dict[str, str]:
         """The training MSEs of the progress display, and their sum as validation reports it (mse_total).
@@ -159,8 +166,12 @@ class RunLog:
 WANDB_ID_FILE = "wandb_run_id.txt"
 # wandb's folders besides the run's own: WANDB_DIR gets offline-run-*/ (what `wandb sync` uploads); the others
 # default to ~/.cache, ~/.config and ~/.local/share, which may be read-only (`docker run --user`, Apptainer).
-WANDB_FOLDERS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data",
-                 "WANDB_ARTIFACT_DIR": "artifacts"}
+WANDB_FOLDERS = {
+    "WANDB_CACHE_DIR": "cache",
+    "WANDB_CONFIG_DIR": "config",
+    "WANDB_DATA_DIR": "data",
+    "WANDB_ARTIFACT_DIR": "artifacts",
+}
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -204,4 +215,6 @@ def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

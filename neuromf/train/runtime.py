@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+
 import torch
 
 from neuromf.errors import UserError
@@ -79,4 +80,3 @@ def configure_torch(spec: RunSpec, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-

@@ -26,7 +26,7 @@ import io
 import math
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ def write_sample_set(
     *,
     label: str,
     save_volumes: bool = True,
-    affine: Optional[np.ndarray] = None,
+    affine: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write one sample set into `out_dir` (created if needed); returns `sample_paths(...)`'s dict.
 

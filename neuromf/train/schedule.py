@@ -32,5 +32,7 @@ def build_optimizer(params: list[torch.nn.Parameter], spec: TrainingSpec, device
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, spec: TrainingSpec) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, spec: TrainingSpec
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, spec))

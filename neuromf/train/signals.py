@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Iterator, Optional
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a stop signal, run me again with --resume auto"
 INTERRUPT_EXIT_CODE = 130  # Ctrl-C: saved, not to be requeued
@@ -31,14 +31,16 @@ class StopRequest:
     """Installs handlers; `requested` names the first signal received (None while running)."""
 
     def __init__(self) -> None:
-        self.requested: Optional[str] = None
+        self.requested: str | None = None
         self._previous: dict[int, object] = {}
         self._raise = False
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested is None:
-            what = "abandoning validation/sampling (redone after resume)" if self._raise else "finishing the current step"
+            what = (
+                "abandoning validation/sampling (redone after resume)" if self._raise else "finishing the current step"
+            )
             print(f"\nreceived {name}: {what}, then saving a checkpoint", file=sys.stderr, flush=True)
             self.requested = name
         elif signum == signal.SIGINT:
@@ -58,7 +60,7 @@ class StopRequest:
         finally:
             self._raise = False
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in CATCHABLE:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -33,7 +33,7 @@ class Progress:
     history: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"train": [], "val": []})
 
 
-def checkpoint_state(trainer: "Trainer") -> dict[str, Any]:
+def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
     """Everything a resume needs, and what `sample`/`evaluate` read (weights, EMA, config, latent statistics)."""
     model_state, ema_state = trainer.net.state_dict(), trainer.ema.state_dict()
     assert_finite(model_state, "model")
@@ -57,7 +57,7 @@ def checkpoint_state(trainer: "Trainer") -> dict[str, Any]:
     }
 
 
-def restore_state(trainer: "Trainer", state: dict[str, Any]) -> None:
+def restore_state(trainer: Trainer, state: dict[str, Any]) -> None:
     """Load a checkpoint (chosen and checked by neuromf/train/resume.py) into this rank's objects."""
     trainer.net.load_state_dict(state["model_state_dict"])
     trainer.ema.load_full_state_dict(state["ema_all"])

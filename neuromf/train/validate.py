@@ -7,7 +7,7 @@ the numbers do not depend on how many processes share the work (only on the batc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,8 +26,13 @@ VAL_KEYS = ("loss_total", "loss_fm", "loss_mf", "mse_fm", "mse_mf")
 
 @torch.no_grad()
 def validation_losses(
-    loss: Any, net: torch.nn.Module, batches: Any, spec: RunSpec, device: torch.device, dtype: Optional[torch.dtype],
-    dist: Optional[Dist] = None,
+    loss: Any,
+    net: torch.nn.Module,
+    batches: Any,
+    spec: RunSpec,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    dist: Dist | None = None,
 ) -> dict[str, float]:
     """Mean loss terms over the val split (VAL_KEYS and mse_total = mse_fm + lambda_mf * mse_mf)."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -46,7 +51,7 @@ def validation_losses(
     return means
 
 
-def validate(trainer: "Trainer", epoch: int) -> None:
+def validate(trainer: Trainer, epoch: int) -> None:
     """Validate the EMA and the online weights at the end of `epoch`: log, keep in the history, best.pt on improvement."""
     p = trainer.progress
     if trainer.val_batches is None:
@@ -55,7 +60,9 @@ def validate(trainer: "Trainer", epoch: int) -> None:
     record: dict[str, Any] = {"step": p.global_step, "epoch": epoch}
     with trainer.interruptible():
         for label, net in (("val", trainer.ema_net), ("val_online", trainer.net)):
-            losses = validation_losses(trainer.loss, net, trainer.val_batches, trainer.spec, trainer.device, trainer.dtype, trainer.dist)
+            losses = validation_losses(
+                trainer.loss, net, trainer.val_batches, trainer.spec, trainer.device, trainer.dtype, trainer.dist
+            )
             record.update({f"{label}/{k}": v for k, v in losses.items()})
     trainer.log.log(record)
     p.history["val"].append({k: v for k, v in record.items()})
@@ -63,4 +70,6 @@ def validate(trainer: "Trainer", epoch: int) -> None:
         p.best_val = record["val/mse_total"]
         if trainer.dist.is_main:
             trainer.checkpoints.save_best(checkpoint_state(trainer))
-    trainer.log.say(f"epoch {epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}")
+    trainer.log.say(
+        f"epoch {epoch}: val mse (EMA) {record['val/mse_total']:.4f}, online {record['val_online/mse_total']:.4f}"
+    )
