@@ -98,9 +98,8 @@ def run(args: argparse.Namespace) -> int:
         space=space or ("latent" if features == "pooled" else "image"),
     )
     out_dir = Path(args.out) if args.out else loaded.run_dir / "evaluation"
-    check_output(
-        out_dir, "--out" if args.out else "RUN_DIR", folder=True
-    )  # a read-only run folder: now, not after the work
+    # a read-only run folder: now, not after the work
+    check_output(out_dir, "--out" if args.out else "RUN_DIR", folder=True)
     summary = evaluate_checkpoint(loaded, options, out_dir)
     if args.json_out:
         atomic_write_text(Path(args.json_out), to_json(summary))

@@ -20,9 +20,8 @@ class DoctorContext:
     dtype: torch.dtype | None  # the network's autocast dtype (None: fp32)
     net: torch.nn.Module  # the run's network with MONAI's zero-initialised layers perturbed (non-trivial outputs)
     loss: Any  # the trainer's MeanFlowLoss
-    shared: dict[str, Any] = field(
-        default_factory=dict
-    )  # what one check leaves for a later one (e.g. the largest micro-batch)
+    # what one check leaves for a later one (e.g. the largest micro-batch)
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, spec: RunSpec) -> DoctorContext:

@@ -98,9 +98,8 @@ def epoch_losses(history: dict[str, Any] | None, records: list[dict[str, Any]], 
     for r in train_records(records):
         value = mse_of(r, lambda_mf)
         if math.isfinite(value):
-            groups.setdefault(int(r.get("epoch", 0)) + 1, []).append(
-                value
-            )  # the record's "epoch" counts completed epochs
+            # the record's "epoch" counts completed epochs
+            groups.setdefault(int(r.get("epoch", 0)) + 1, []).append(value)
     return {e: statistics.fmean(v) for e, v in sorted(groups.items())}
 
 

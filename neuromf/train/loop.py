@@ -130,17 +130,15 @@ class Trainer:
                 spacing_mm=spec.model.init_spacing_mm,
                 class_label=spec.model.init_class_label,
             )
-        set_gradient_checkpointing(
-            self.net, spec.training.gradient_checkpointing
-        )  # gradient passes only, never the JVP
+        # gradient passes only, never the JVP
+        set_gradient_checkpointing(self.net, spec.training.gradient_checkpointing)
         self._build_step_parts(self.total_steps)
         if spec.training.compile:  # lazy: a failure surfaces at the first step (then eager: _train_step_or_eager)
             from neuromf.train.compile import compile_loss  # imports Inductor (~1 s): only when compiling
 
             self.compute = compile_loss(self.loss.compute, spec.training.fold_zero_tangents, spec.training.compile_mode)
-        self.ema_net = (
-            copy.deepcopy(self.net).eval().requires_grad_(False)
-        )  # validation and samples load the EMA into it
+        # validation and samples load the EMA into it
+        self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)
         if found is not None:
             restore_state(self, found[1])
         self.interruptible: Callable[[], Any] = nullcontext
@@ -178,9 +176,8 @@ class Trainer:
         """A trainer of `net` with only what train_step uses: one process, the eager loss, no data, run folder,
         log or checkpoints. `neuromf doctor` and `neuromf bench` measure the training step with it (bench sets
         `compute` and `loss` to other loss maths). Its LR schedule is that of a run of max_steps (or warmup + 1) steps."""
-        self = cls.__new__(
-            cls
-        )  # not __init__: that prepares the data, claims the run folder and builds its own network
+        # not __init__: that prepares the data, claims the run folder and builds its own network
+        self = cls.__new__(cls)
         self.spec, self.device, self.dtype = spec, device, dtype
         self.dist = Dist(rank=0, world_size=1, local_rank=0, device=device)
         self.net, self.log = net, SilentLog()
@@ -228,13 +225,11 @@ class Trainer:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accumulate
         clip = tr.grad_clip if tr.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [q for q in self.net.parameters() if q.grad is not None], clip
-        )  # before clipping
+        # the norm before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for q in self.net.parameters() if q.grad is not None], clip)
         grad_ok = True
-        if (
-            self.dist.enabled
-        ):  # one all-reduce: the mean of each metric, and how many ranks saw a non-finite gradient norm
+        # one all-reduce: the mean of each metric, and how many ranks saw a non-finite gradient norm
+        if self.dist.enabled:
             keys = list(sums)
             packed = torch.stack([sums[k] for k in keys] + [(~torch.isfinite(grad_norm)).float()]).double()
             self.dist.all_reduce(packed, "sum", "the step's metrics all-reduce")
