@@ -26,8 +26,8 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/demo_timing.XXXXXX")
 competitor=""
 trainer=""
 cleanup() {
-    [ -n "$trainer" ] && kill "$trainer" 2>/dev/null || true
-    [ -n "$competitor" ] && kill "$competitor" 2>/dev/null || true
+    if [ -n "$trainer" ]; then kill "$trainer" 2>/dev/null || true; fi
+    if [ -n "$competitor" ]; then kill "$competitor" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT

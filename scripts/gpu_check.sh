@@ -94,8 +94,8 @@ stage() {
 B=(--data synthetic --steps "$STEPS" --warmup 1)
 stage doctor 60 doctor "$SPEC" "${SETS[@]}"
 stage compare_b8 90 bench "$SPEC" "${SETS[@]}" "${B[@]}" --batch 8 --variants "$COMPARE" --interleave
-stage memory_b${BIG} 45 bench "$SPEC" "${SETS[@]}" "${B[@]}" --batch "$BIG" --variants compiled --checkpointing off
-stage memory_b${BIG}_ckpt 45 bench "$SPEC" "${SETS[@]}" "${B[@]}" --batch "$BIG" --variants compiled --checkpointing on
+stage "memory_b${BIG}" 45 bench "$SPEC" "${SETS[@]}" "${B[@]}" --batch "$BIG" --variants compiled --checkpointing off
+stage "memory_b${BIG}_ckpt" 45 bench "$SPEC" "${SETS[@]}" "${B[@]}" --batch "$BIG" --variants compiled --checkpointing on
 stage cudagraphs_b8 60 bench "$SPEC" "${SETS[@]}" "${B[@]}" --batch 8 --variants compiled --compile-mode reduce-overhead
 stage fold_ab_b8 60 bench "$SPEC" "${SETS[@]}" "${B[@]}" --batch 8 --variants compiled,compiled_nofold --interleave
 

@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINER = REPO / "container"
-SCRIPTS = sorted(CONTAINER.glob("*.sh"))
+SCRIPTS = sorted([*CONTAINER.glob("*.sh"), *(REPO / "scripts").glob("*.sh")])  # the image's and the tools'
 VENV_BIN = Path(sys.executable).parent
 DEF_SECTIONS = {"setup", "files", "post", "environment", "runscript", "startscript", "test", "labels", "help"}
 
