@@ -318,9 +318,9 @@ class Trainer:
                 batch = self.batches.next_batch()
                 applied, metrics = self._train_step_or_eager(batch)
                 window_samples += batch.shape[0] * self.dist.world_size  # latents of the global batch
-                if applied:
+                if applied:  # summed on the device: a float() here would wait for the GPU at every step
                     for k in ("loss_total", "mse_fm", "mse_mf"):
-                        epoch_sums[k] = epoch_sums.get(k, 0.0) + float(metrics[k])
+                        epoch_sums[k] = epoch_sums.get(k, 0.0) + metrics[k].detach().double()
                     epoch_n += 1
 
                 logging_step = applied and (p.global_step % log_every == 0 or p.global_step == 1)
@@ -350,7 +350,7 @@ class Trainer:
                 if epoch_done:
                     p.epoch = self.batches.epoch + 1  # epochs completed
                     p.history["train"].append(
-                        {"epoch": p.epoch, **{k: v / max(epoch_n, 1) for k, v in epoch_sums.items()}}
+                        {"epoch": p.epoch, **{k: float(v) / max(epoch_n, 1) for k, v in epoch_sums.items()}}
                     )
                     epoch_sums, epoch_n = {}, 0
                     self._end_of_epoch(p.epoch, final=p.global_step >= self.total_steps)
