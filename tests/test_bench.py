@@ -190,6 +190,16 @@ def test_compare_runs_six_variants_and_the_fold_ab_is_asked_for_by_name(tmp_path
     assert (nofold.math, nofold.compiled, nofold.fold) == ("imf", True, False) and VARIANTS["compiled"].fold
 
 
+def test_dual_biases_ab_runs_the_same_maths(tmp_path: Path) -> None:
+    """eager vs eager_const_params: the JVP with and without dual biases, same first step, a speed ratio."""
+    opts = BenchOptions(steps=1, warmup=0, variants=["eager", "eager_const_params"], data="synthetic", interleave=True)
+    r = bench(_tiny_spec(tmp_path), opts)
+    dual, const = r["variants"]["eager"], r["variants"]["eager_const_params"]
+    assert dual["error"] is None and const["error"] is None
+    assert dual["first_step"] == const["first_step"]  # bit-identical loss terms and gradient norm
+    assert set(r["ratios"]) == {"speedup_dual_biases"}
+
+
 def test_synthetic_data_micro_batches_and_checkpointing_run_the_same_maths(tmp_path: Path) -> None:
     """Through bench(): accumulation of 2 micro-batches and checkpointing change nothing in the first step."""
     opts = BenchOptions(steps=1, warmup=0, variants=["eager"], data="synthetic", epoch_latents=40)

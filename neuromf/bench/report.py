@@ -27,6 +27,7 @@ RATIOS: list[tuple[str, str, str, str]] = [
     ("cost_compiled_vs_fm_compiled", "compiled", "fm_compiled", "time"),
     ("memory_eager_vs_fm", "eager", "fm", "memory"),
     ("speedup_fold_zero_tangents", "compiled_nofold", "compiled", "time"),
+    ("speedup_dual_biases", "eager_const_params", "eager", "time"),
 ]
 
 # The targets of docs/design.md, 'Performance targets'. (key, label, threshold, "min" | "max"): met when value >= / <= threshold.

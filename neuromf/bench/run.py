@@ -133,6 +133,8 @@ class BenchSetup:
         self.math: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
             "naive": as_compute(naive_imf_loss, **bound),
             "imf": self.loss.compute,
+            # the same loss, but the JVP sees the network as a plain callable: no parameter enters it as a dual input
+            "imf_const_params": lambda net, *args, **kw: self.loss.compute(lambda *a: net(*a), *args, **kw),
             "fm": as_compute(flow_matching_loss, **bound),
             "predecessor": as_compute(predecessor_imf_loss, **bound, norm_eps=options.predecessor.norm_eps),
         }

@@ -33,7 +33,7 @@ class Variant:
     """What a bench variant runs: which loss maths, compiled or not, with the zero-tangent fold or not."""
 
     description: str
-    math: str  # "predecessor", "naive", "imf" or "fm" (BenchSetup.math)
+    math: str  # "predecessor", "naive", "imf", "imf_const_params" or "fm" (BenchSetup.math)
     compiled: bool = False
     fold: bool = True  # with compiled: training.fold_zero_tangents applies (False: never fold)
 
@@ -47,6 +47,10 @@ VARIANTS: dict[str, Variant] = {
     "compiled": Variant("our iMF step, torch.compile", "imf", compiled=True),
     "fm": Variant("plain flow-matching step of the same network (the floor), eager", "fm"),
     "fm_compiled": Variant("plain flow-matching step, torch.compile", "fm", compiled=True),
+    "eager_const_params": Variant(
+        "our iMF step, eager, with every parameter a constant of the JVP (A/B of the dual biases, docs/design.md)",
+        "imf_const_params",
+    ),
     "compiled_nofold": Variant(
         "our iMF step, torch.compile without the zero-tangent fold (A/B of training.fold_zero_tangents)",
         "imf",
