@@ -78,7 +78,7 @@ def test_time_embedding_matches_monai_and_is_differentiable() -> None:
     assert tm.grad is not None and bool(tm.grad.abs().sum() > 0)
 
 
-def test_groupnorm_is_fp32_plain_ops_with_monai_parameter_names() -> None:
+def test_groupnorm_is_fp32_with_monai_parameter_names() -> None:
     net = tiny_net()
     norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(type(m) is Fp32GroupNorm for m in norms)
@@ -103,7 +103,11 @@ def test_groupnorm_is_fp32_plain_ops_with_monai_parameter_names() -> None:
         ref.bias.normal_()
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(3, 16, 5, 4, 3) * 3 + 1
-    assert torch.allclose(ours(x), ref(x), atol=1e-5)
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)  # eager fp32: the fused kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the plain ops, still in fp32
+        under_autocast = ours(x)
+    assert under_autocast.dtype == torch.float32 and torch.allclose(under_autocast, ref(x), atol=1e-5)
+    assert not torch.equal(under_autocast, ours(x))  # two implementations (equal to rounding), not one
     y = ours(x.bfloat16())
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref(x.bfloat16().float()), atol=3e-2)
 
