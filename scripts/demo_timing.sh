@@ -121,8 +121,8 @@ for threads, load in seen:
     duration = "?" if not finite or total == "unknown" or median <= 0 else \
         f"{int(int(total) / median // 60)} min {int(int(total) / median % 60):02d} s"
     print(f"| {threads} | {'one (busy loop)' if load == 'busy' else 'none'} | "
-          f"{', '.join(f'{r:.2f}' if math.isfinite(r) else 'none' for r in rates)} | {median:.2f} | {cpu} | {duration} |")
+          f"{', '.join(f'{r:.2f}' if math.isfinite(r) else 'too few' for r in rates)} | {median:.2f} | {cpu} | {duration} |")
 print()
-print("Steps only: start-up, validation and samples come on top (the demo's own log). 'none': fewer than two "
-      "steps after the first two within the window. CPU s/step above wall s/step: threads spinning while they wait.")
+print("Steps only: start-up, validation and samples come on top (the demo's own log). A rate 'too few': fewer "
+      "than two steps after the first two within the window. CPU s/step above wall s/step: threads spinning while they wait.")
 EOF

@@ -69,7 +69,8 @@ def test_jvp_with_dual_biases_equals_jvp_with_constant_parameters() -> None:
     with torch.no_grad():
         for p in net.parameters():  # no zero-initialised layer: every bias and norm scale acts on the output
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    own = dict(net.named_parameters())
+    before = {name: p.detach().clone() for name, p in own.items()}
     loss = make_loss()
     g = torch.Generator().manual_seed(5)
     z, v = torch.randn((2, 3, *SHAPE), generator=g)
@@ -78,8 +79,8 @@ def test_jvp_with_dual_biases_equals_jvp_with_constant_parameters() -> None:
     as_callable = loss.du_dt(lambda *a: net(*a), z, t, h, v)  # a plain callable: all parameters are constants
     assert torch.equal(as_module, as_callable)
     assert as_module.abs().max() > 1.0
-    for name, p in net.named_parameters():  # functional_call put the module's own parameters back
-        assert p is dict(net.named_parameters())[name] and torch.equal(p, before[name]) and p.grad is None
+    for name, p in net.named_parameters():  # functional_call put the module's own parameters back, untouched
+        assert p is own[name] and torch.equal(p, before[name]) and p.grad is None
 
 
 @pytest.mark.parametrize("prediction_type", ["x", "u"])

@@ -89,7 +89,7 @@ class MeanFlowLoss:
         # Eager only: the network's 1-D parameters (biases, norm scales) enter the JVP as primals with real zero
         # tangents. The numbers are the same, but where an op mixes a tangent-carrying tensor with a parameter that
         # has none, PyTorch builds a lazy zero tangent whose shape logic runs in Python (~1 ms per op on a CPU): the
-        # demo network's JVP is ~20 % faster this way (docs/benchmarks.md). Conv and linear weights stay constants
+        # demo network's JVP is ~18 % faster this way (docs/benchmarks.md). Conv and linear weights stay constants
         # (real zero tangents there would cost whole extra convolutions); a compiled loss traces through either.
         params = {}
         if isinstance(net, nn.Module) and not torch.compiler.is_compiling():

@@ -65,8 +65,8 @@ class Fp32GroupNorm(nn.GroupNorm):
 
     Drop-in for nn.GroupNorm (same parameters and names). Under torch.compile or autocast it is
     written in plain tensor ops: their forward-mode AD rules survive both, where the fused kernel's
-    do not. Eager fp32/fp64 input takes the fused kernel (the same maths to ~1e-6): it is ~13 %
-    faster in the gradient passes and ~35 % in the JVP of the CPU demo (docs/benchmarks.md).
+    do not. Eager fp32/fp64 input takes the fused kernel (the same maths to ~1e-6): the CPU demo's
+    gradient pass is ~13 % faster with it, its whole step ~7 % (docs/benchmarks.md).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
